@@ -1,0 +1,73 @@
+"""`moerge eval` and `moerge generate`: score or query a base model, an expert, or a router."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from moerge.errors import MoergeError
+
+console = Console()
+
+
+def _load(base: str, adapter: Path | None, router: Path | None):
+    if adapter is not None and router is not None:
+        raise MoergeError("give --adapter or --router, not both")
+    if router is not None:
+        from moerge.route import load_routed
+
+        return load_routed(base, router)
+    from moerge.models.experts import load_model
+
+    return load_model(base, adapter)
+
+
+def eval_command(
+    base: str = typer.Option(..., "--base", help="base model: cached name, local folder or hub id"),
+    task: str = typer.Option(..., "--task", help="data file, datasets folder, gym:<name> or bigbench:<task>"),
+    adapter: Path | None = typer.Option(None, "--adapter", help="expert folder (moerge or plain peft)"),
+    router: Path | None = typer.Option(None, "--router", help="router folder from `moerge route build`"),
+    split: str = typer.Option("test", "--split", help="train, validation or test"),
+    limit: int | None = typer.Option(None, "--limit", help="evaluate at most this many examples"),
+    task_limit: int | None = typer.Option(None, "--task-limit", help="cap the task's examples before splitting"),
+    seed: int = typer.Option(0, "--seed", help="seed of the task's splits (use the training seed)"),
+    batch_size: int = typer.Option(16, "--batch-size", help="sequences per forward pass"),
+    json_out: bool = typer.Option(False, "--json", help="print metrics as JSON"),
+) -> None:
+    """Score a model on a task split: rank classification for multiple choice, else generation."""
+    from moerge.data.loaders import load_task
+    from moerge.eval import evaluate_task
+
+    loaded_task = load_task(task, seed=seed, limit=task_limit)
+    model, tokenizer = _load(base, adapter, router)
+    metrics = evaluate_task(model, tokenizer, loaded_task, split=split, limit=limit, batch_size=batch_size)
+    metrics.pop("scores")
+    metrics.update(task=loaded_task.name, split=split, adapter=str(adapter) if adapter else None)
+    if json_out:
+        print(json.dumps(metrics, indent=2))
+    else:
+        console.print(
+            f"{loaded_task.name} \\[{split}]: accuracy {metrics['accuracy']:.3f} on {metrics['n']} examples "
+            f"({metrics['mode']})"
+        )
+
+
+def generate_command(
+    base: str = typer.Option(..., "--base", help="base model: cached name, local folder or hub id"),
+    prompt: str = typer.Option(..., "--prompt", help="the user message"),
+    adapter: Path | None = typer.Option(None, "--adapter", help="expert folder"),
+    router: Path | None = typer.Option(None, "--router", help="router folder"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="length limit of the answer"),
+) -> None:
+    """Answer one prompt greedily with the base model, an expert, or a router."""
+    from moerge.data.task import Example
+    from moerge.eval.evaluate import generate_answers
+
+    model, tokenizer = _load(base, adapter, router)
+    example = Example(input=prompt, target="")
+    answer = generate_answers(model, tokenizer, [example], batch_size=1, max_new_tokens=max_new_tokens,
+                              progress=False)[0]
+    print(answer)

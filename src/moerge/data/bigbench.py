@@ -1,0 +1,168 @@
+"""`bigbench:<task>[/<subtask>]`: BIG-bench JSON tasks read from the bigbench 1.0.0 sdist.
+
+The sdist is only downloaded (`pip download`, never installed: it needs tensorflow), and only its
+`benchmark_tasks/**/task.json` files are extracted, once, into `$MOERGE_HOME/bigbench/`.
+`MOERGE_BIGBENCH_SDIST` points at a local copy of the tar.gz instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from filelock import FileLock
+
+from moerge.data.loaders import RawTask, task_source
+from moerge.data.task import Example
+from moerge.errors import MoergeError
+from moerge.paths import atomic_directory, moerge_home, write_json_atomic
+
+SDIST_NAME = "bigbench-1.0.0.tar.gz"
+SDIST_ENV = "MOERGE_BIGBENCH_SDIST"
+TASKS_DIR = ("bigbench", "benchmark_tasks")
+MARKER = "sdist.json"
+
+
+def cache_dir() -> Path:
+    return moerge_home() / "bigbench"
+
+
+def _sdist_identity(sdist: Path) -> dict[str, Any]:
+    return {"name": sdist.name, "size": sdist.stat().st_size}
+
+
+def _download_sdist(dest: Path) -> Path:
+    """`pip download` the sdist (no dependencies, nothing installed) into `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    print(
+        f"moerge: downloading the BIG-bench task files ({SDIST_NAME}, ~360 MB) into {dest}", file=sys.stderr
+    )
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "bigbench"]
+    result = subprocess.run(
+        [*command, "bigbench==1.0.0", "-d", str(dest)], capture_output=True, text=True, check=False
+    )
+    sdist = dest / SDIST_NAME
+    if result.returncode != 0 or not sdist.is_file():
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MoergeError(
+            f"bigbench: could not download {SDIST_NAME} ({last}); put it at {sdist} or set {SDIST_ENV}"
+        )
+    return sdist
+
+
+def _task_file_target(member: tarfile.TarInfo) -> PurePosixPath | None:
+    """Path below benchmark_tasks/ for a task.json member, else None (everything else is skipped)."""
+    parts = PurePosixPath(member.name).parts
+    if not member.isfile() or parts[-1] != "task.json" or ".." in parts:
+        return None
+    for i in range(len(parts) - 2):
+        if parts[i : i + 2] == TASKS_DIR:
+            return PurePosixPath(*parts[i + 2 :])
+    return None
+
+
+def _extract(sdist: Path, final: Path) -> None:
+    """Copy the task.json files out of the sdist into `final` in one atomic step."""
+    with atomic_directory(final, overwrite=True) as tmp:
+        count = 0
+        try:
+            with tarfile.open(sdist, "r:*") as tar:
+                for member in tar:
+                    target = _task_file_target(member)
+                    source = tar.extractfile(member) if target else None
+                    if target is None or source is None:
+                        continue
+                    out = tmp / "benchmark_tasks" / target
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(source.read())
+                    count += 1
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise MoergeError(f"{sdist}: not a readable BIG-bench sdist ({exc})") from None
+        if count == 0:
+            raise MoergeError(f"{sdist}: holds no bigbench/benchmark_tasks/**/task.json files")
+        write_json_atomic(tmp / MARKER, _sdist_identity(sdist))
+
+
+def tasks_root() -> Path:
+    """The extracted `benchmark_tasks` folder, extracting (and downloading) it the first time."""
+    final = cache_dir()
+    override = os.environ.get(SDIST_ENV)
+    moerge_home().mkdir(parents=True, exist_ok=True)
+    with FileLock(str(moerge_home() / "bigbench.lock")):
+        marker = final / MARKER
+        if override and not Path(override).is_file():
+            raise MoergeError(f"{SDIST_ENV}={override}: file not found")
+        wanted = _sdist_identity(Path(override)) if override else None
+        if marker.is_file() and (wanted is None or json.loads(marker.read_text()) == wanted):
+            return final / "benchmark_tasks"
+        sdist = Path(override) if override else moerge_home() / "sources" / SDIST_NAME
+        if not sdist.is_file():
+            sdist = _download_sdist(sdist.parent)
+        print(f"moerge: extracting BIG-bench task files into {final}", file=sys.stderr)
+        _extract(sdist, final)
+    return final / "benchmark_tasks"
+
+
+def _with_task_json(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if (p / "task.json").is_file())
+
+
+def _unknown(spec: str, kind: str, name: str, known: list[str]) -> MoergeError:
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"{len(known)} are available"
+    return MoergeError(f"{spec}: unknown BIG-bench {kind} {name!r} (JSON tasks only); {hint}")
+
+
+def _read_task_json(spec: str, root: Path, task: str, subtask: str | None) -> dict[str, Any]:
+    """The task.json for task[/subtask], insisting on a subtask where the task only has those."""
+    tasks = _with_task_json(root)
+    if task not in tasks:
+        raise _unknown(spec, "task", task, tasks)
+    subtasks = _with_task_json(root / task)
+    if subtask is not None and subtask not in subtasks:
+        raise _unknown(spec, f"subtask of {task}", subtask, subtasks)
+    folder = root / task / subtask if subtask else root / task
+    data = json.loads((folder / "task.json").read_text("utf-8"))
+    if subtask is None and not data.get("examples") and subtasks:
+        shown = ", ".join(subtasks[:12]) + (f", ... ({len(subtasks)} in all)" if len(subtasks) > 12 else "")
+        raise MoergeError(f"{spec}: task {task!r} needs a subtask, bigbench:{task}/<subtask>: {shown}")
+    return data
+
+
+def _example(spec: str, index: int, raw: dict[str, Any]) -> Example:
+    """`target_scores` makes a multiple-choice example (target = best-scored choice), else `target`."""
+    scores = raw.get("target_scores")
+    if scores:
+        choices = tuple(str(c) for c in scores)
+        best = max(scores, key=lambda c: scores[c])
+        return Example(input=str(raw["input"]), target=str(best), choices=choices)
+    target = raw.get("target")
+    if isinstance(target, list):
+        target = target[0] if target else None
+    if target is None:
+        raise MoergeError(f"{spec}: example {index} has neither 'target' nor 'target_scores'")
+    return Example(input=str(raw["input"]), target=str(target))
+
+
+@task_source("bigbench", usage="bigbench:<task>[/<subtask>]", prefix="bigbench")
+def load_bigbench(spec: str) -> RawTask:
+    """Examples of one BIG-bench JSON task; its `description` becomes the task description."""
+    name = spec.removeprefix("bigbench:").strip("/")
+    task, _, subtask = name.partition("/")
+    if not task:
+        raise MoergeError(f"{spec}: expected bigbench:<task>[/<subtask>], e.g. bigbench:strategyqa")
+    data = _read_task_json(spec, tasks_root(), task, subtask or None)
+    examples = [_example(spec, i, raw) for i, raw in enumerate(data.get("examples", []))]
+    return RawTask(
+        name=f"{task}_{subtask}" if subtask else task,
+        examples=examples,
+        description=str(data.get("description", "")),
+    )

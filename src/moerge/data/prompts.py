@@ -1,0 +1,72 @@
+"""Turning examples into token ids: the base model's chat template when it has one, and a loss mask
+that covers the answer tokens only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from moerge.data.task import Example
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+
+def user_message(example: Example) -> str:
+    """The question as the user sees it; multiple-choice examples list their options."""
+    if example.choices:
+        options = "\n".join(f"- {c}" for c in example.choices)
+        return f"{example.input}\nOptions:\n{options}\nAnswer with one of the options."
+    return example.input
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
+    """Token ids of the prompt, ending where the model's answer starts."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": user_message(example)}]
+        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    return tokenizer(f"{user_message(example)}\nAnswer:", add_special_tokens=True)["input_ids"]
+
+
+def answer_ids(tokenizer: PreTrainedTokenizerBase, example: Example, answer: str) -> list[int]:
+    """Token ids of `answer` as the model should produce it after the prompt, end token included."""
+    if tokenizer.chat_template:
+        messages = [
+            {"role": "user", "content": user_message(example)},
+            {"role": "assistant", "content": answer},
+        ]
+        full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
+        prefix = prompt_ids(tokenizer, example)
+        if full[: len(prefix)] == prefix:
+            tail = full[len(prefix) :]
+            # Keep the answer and the end-of-turn token; drop a trailing newline after it.
+            if tokenizer.eos_token_id in tail:
+                tail = tail[: tail.index(tokenizer.eos_token_id) + 1]
+            return tail
+    ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    return [*ids, tokenizer.eos_token_id]
+
+
+def _ids(rendered: object) -> list[int]:
+    """apply_chat_template returns a list or a BatchEncoding depending on the transformers version."""
+    if isinstance(rendered, dict) or hasattr(rendered, "keys"):
+        rendered = rendered["input_ids"]
+    return list(rendered)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_for_training(
+    tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int
+) -> Encoded:
+    """Prompt + answer with labels masked on the prompt; long prompts lose their start, not the answer."""
+    prompt = prompt_ids(tokenizer, example)
+    answer = answer_ids(tokenizer, example, example.target)[:max_length]
+    prompt = prompt[max(0, len(prompt) + len(answer) - max_length) :]
+    return Encoded(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)

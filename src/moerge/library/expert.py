@@ -1,0 +1,142 @@
+"""The expert folder: peft's own files plus `moerge.json` (what, from where, how, and file hashes).
+
+Layout (see GUIDE.md):
+    <name>/adapter_config.json, adapter_model.safetensors   peft's files, loadable as-is
+    <name>/model.safetensors, config.json                   instead, for full fine-tuning experts
+    <name>/moerge.json                                      this module's metadata
+    <name>/artifacts/*.safetensors                          derived data (router prototypes, gates, ...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moerge.errors import MoergeError
+from moerge.paths import write_json_atomic
+
+METADATA_FILE = "moerge.json"
+ARTIFACTS_DIR = "artifacts"
+FORMAT_VERSION = 1
+
+
+class TaskInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    source: str = "unknown"
+    data_hash: str = "unknown"
+
+
+class BaseInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name_or_path: str
+    fingerprint: str = "unknown"
+
+
+class ExpertMeta(BaseModel):
+    """What `moerge.json` holds. Unknown fields are kept, so newer files survive older readers."""
+
+    model_config = ConfigDict(extra="allow")
+    format: int = FORMAT_VERSION
+    name: str
+    kind: Literal["adapter", "full"] = "adapter"
+    method: str
+    task: TaskInfo
+    base: BaseInfo
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    cost: dict[str, Any] = Field(default_factory=dict)
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    moerge_version: str = "unknown"
+    created: float = Field(default_factory=time.time)
+    files: dict[str, str] = Field(default_factory=dict)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def payload_files(folder: Path) -> list[str]:
+    """Files the metadata vouches for: everything except moerge.json and derived artifacts."""
+    folder = Path(folder)
+    out = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel != METADATA_FILE and not rel.startswith(f"{ARTIFACTS_DIR}/"):
+            out.append(rel)
+    return out
+
+
+def write_expert_meta(folder: Path, meta: ExpertMeta) -> ExpertMeta:
+    """Hash the folder's files into `meta.files` and write `moerge.json` atomically."""
+    from moerge import __version__
+
+    folder = Path(folder)
+    meta = meta.model_copy(
+        update={
+            "files": {rel: sha256_file(folder / rel) for rel in payload_files(folder)},
+            "moerge_version": __version__,
+        }
+    )
+    write_json_atomic(folder / METADATA_FILE, meta.model_dump(mode="json"))
+    return meta
+
+
+def read_expert_meta(folder: Path) -> ExpertMeta:
+    """Read and validate `moerge.json`; errors name the file and the field."""
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        raise MoergeError(f"{path}: not found (is {folder} a moerge expert folder?)")
+    return parse_expert_meta(path.read_bytes(), path)
+
+
+def parse_expert_meta(text: str | bytes, source: object) -> ExpertMeta:
+    """Validate `moerge.json` text read from anywhere (local file, remote library); errors name `source`."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MoergeError(f"{source}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise MoergeError(f"{source}: not UTF-8 text (expected JSON)") from None
+    try:
+        return ExpertMeta.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise MoergeError(f"{source}: field {loc!r}: {err['msg']}") from None
+
+
+def verify_expert_files(folder: Path, meta: ExpertMeta | None = None) -> list[str]:
+    """Problems with the folder's files against their recorded sha256 (empty list: intact)."""
+    folder = Path(folder)
+    meta = meta or read_expert_meta(folder)
+    problems = []
+    for rel, expected in meta.files.items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif sha256_file(path) != expected:
+            problems.append(f"{path}: sha256 mismatch (file corrupted or modified)")
+    return problems
+
+
+def check_expert_intact(folder: Path) -> ExpertMeta:
+    """Refuse to use an expert whose files fail their recorded hashes."""
+    meta = read_expert_meta(folder)
+    problems = verify_expert_files(folder, meta)
+    if problems:
+        raise MoergeError(f"refusing to load expert {folder}: {problems[0]}")
+    return meta
+
+
+def is_expert_folder(folder: Path) -> bool:
+    return (Path(folder) / METADATA_FILE).is_file()

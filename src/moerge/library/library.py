@@ -1,0 +1,416 @@
+"""The expert library: a folder of expert folders plus an SQLite catalog, safe under crashes and writers.
+
+Layout of a library root (a local folder or any fsspec URL):
+    library.json           marks the folder as a library
+    catalog.sqlite         the index (local libraries; remote ones keep it in the local cache)
+    <name>/                one expert folder each (see expert.py)
+    .lock, .tmp-*, .old-*, .pending-*   bookkeeping; never listed as experts
+
+Every change goes: copy into a temp folder inside the library, verify the sha256s, then, under a file
+lock, write a `.pending-<name>` marker, swap the folder in by rename, update the catalog and drop the
+marker. A crash leaves the marker behind; the next writer (or opener) finishes or undoes the swap, so
+the library shows either the old state or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from filelock import FileLock
+from fsspec.implementations.local import LocalFileSystem
+
+from moerge.errors import MoergeError
+from moerge.library import artifacts
+from moerge.library.catalog import Catalog
+from moerge.library.expert import (
+    ARTIFACTS_DIR,
+    METADATA_FILE,
+    ExpertMeta,
+    check_expert_intact,
+    parse_expert_meta,
+    read_expert_meta,
+    verify_expert_files,
+)
+from moerge.paths import atomic_directory, moerge_home
+
+MARKER_FILE = "library.json"
+CATALOG_FILE = "catalog.sqlite"
+LOCK_FILE = ".lock"
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
+PENDING_PREFIX = ".pending-"
+STALE_TMP_SECONDS = 3600.0
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_RESERVED = {MARKER_FILE, CATALOG_FILE}
+
+
+def validate_name(name: Any, what: str = "expert name") -> str:
+    """Refuse names that could escape the library or collide with its own files."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in _RESERVED:
+        raise MoergeError(
+            f"{what} {name!r}: use 1-128 letters, digits, '.', '_', '+' or '-', "
+            "not starting with '.' and without path separators"
+        )
+    return name
+
+
+def _metric_value(metrics: dict[str, Any], dotted: str) -> Any:
+    """`metrics["a"]["b"]` for "a.b"; None when absent."""
+    value: Any = metrics
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _meta_json(meta: ExpertMeta) -> bytes:
+    return (json.dumps(meta.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found; `ok` is False when anything needs attention."""
+
+    checked: int = 0
+    corrupted: dict[str, list[str]] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    unregistered: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.corrupted or self.missing or self.unregistered)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checked": self.checked,
+            "corrupted": self.corrupted,
+            "missing": self.missing,
+            "unregistered": self.unregistered,
+        }
+
+
+class ExpertLibrary:
+    """Open an existing library at a local path or fsspec URL (`ExpertLibrary.create` makes one)."""
+
+    def __init__(self, location: str | Path) -> None:
+        self.url = str(location)
+        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.root = posixpath.normpath(root) if self.local else root.rstrip("/")
+        if not self.fs.isfile(self._p(MARKER_FILE)):
+            raise MoergeError(f"{self.url}: not a moerge library (create one with `moerge library create`)")
+        canonical = self.fs.unstrip_protocol(self.root)
+        self.state_dir = (
+            Path(self.root)
+            if self.local
+            else moerge_home() / "libraries" / hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.state_dir / LOCK_FILE))
+        fresh = not (self.state_dir / CATALOG_FILE).is_file()
+        self.catalog = Catalog(self.state_dir / CATALOG_FILE)
+        if self._entries(PENDING_PREFIX):
+            with self._lock:
+                self._recover()
+        # A remote catalog is a local cache: rebuild it when missing or when others changed the folders.
+        if fresh or (not self.local and set(self._folders()) != set(self.catalog.names())):
+            self.rebuild()
+
+    @classmethod
+    def create(cls, location: str | Path) -> ExpertLibrary:
+        """Make an empty library; refuses a folder that already holds something."""
+        fs, root = fsspec.core.url_to_fs(str(location))
+        marker = posixpath.join(root, MARKER_FILE)
+        if fs.isfile(marker):
+            raise MoergeError(f"{location}: already a moerge library")
+        if fs.exists(root) and (not fs.isdir(root) or fs.ls(root)):
+            raise MoergeError(f"{location}: exists and is not an empty folder; choose a new path")
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(marker, json.dumps({"format": 1, "created": time.time()}).encode())
+        return cls(location)
+
+    # ---- storage helpers -------------------------------------------------------------------------
+
+    def _p(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def _entries(self, prefix: str) -> list[str]:
+        """Base names of the root's entries starting with `prefix`."""
+        names = (posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False))
+        return sorted(n for n in names if n.startswith(prefix))
+
+    def _folders(self) -> list[str]:
+        """Folders that look like experts (everything not hidden)."""
+        out = []
+        for entry in self.fs.ls(self.root, detail=True):
+            base = posixpath.basename(entry["name"].rstrip("/"))
+            if entry["type"] == "directory" and not base.startswith("."):
+                out.append(base)
+        return sorted(out)
+
+    def _read_meta(self, folder: str) -> ExpertMeta:
+        path = posixpath.join(folder, METADATA_FILE)
+        if not self.fs.isfile(path):
+            raise MoergeError(f"{self.fs.unstrip_protocol(path)}: not found (not an expert folder)")
+        return parse_expert_meta(self.fs.cat_file(path), self.fs.unstrip_protocol(path))
+
+    def _problems(self, folder: str, meta: ExpertMeta | None = None) -> list[str]:
+        """sha256 problems of a folder in the library (remote folders are checked on a local copy)."""
+        try:
+            meta = meta or self._read_meta(folder)
+            if self.local:
+                return verify_expert_files(Path(folder), meta)
+            with tempfile.TemporaryDirectory() as tmp:
+                self.fs.get(folder.rstrip("/") + "/", tmp, recursive=True)
+                return [
+                    p.replace(tmp, self.fs.unstrip_protocol(folder))
+                    for p in verify_expert_files(Path(tmp), meta)
+                ]
+        except MoergeError as exc:
+            return [str(exc)]
+
+    def _upload(self, src: Path, dest: str) -> None:
+        if self.local:
+            shutil.copytree(src, dest)
+        else:
+            self.fs.put(str(src).rstrip("/") + "/", dest, recursive=True)
+
+    def _remove_tree(self, path: str) -> None:
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    # ---- the atomic swap and its recovery --------------------------------------------------------
+
+    def _swap(self, name: str, new_folder: str | None, meta: ExpertMeta | None) -> None:
+        """Under the lock: put `new_folder` in place of `name` (or remove it when None), then index it."""
+        final, old, pending = self._p(name), self._p(OLD_PREFIX + name), self._p(PENDING_PREFIX + name)
+        self.fs.pipe_file(pending, b"")
+        if self.fs.exists(final):
+            self.fs.mv(final, old, recursive=True)
+        if new_folder is not None:
+            self.fs.mv(new_folder, final, recursive=True)
+            self.catalog.upsert(name, meta)
+        else:
+            self.catalog.delete(name)
+        self.fs.rm(pending)
+        self._remove_tree(old)
+
+    def _recover(self) -> None:
+        """Under the lock: finish or undo swaps a crash interrupted, and drop orphaned old folders."""
+        for marker in self._entries(PENDING_PREFIX):
+            name = marker[len(PENDING_PREFIX) :]
+            final, old = self._p(name), self._p(OLD_PREFIX + name)
+            if self.fs.exists(final) and self.fs.exists(old) and self._problems(final):
+                self._remove_tree(final)  # a half-moved new folder (non-atomic stores): keep the old one
+            if not self.fs.exists(final) and self.fs.exists(old):
+                self.fs.mv(old, final, recursive=True)
+            if self.fs.exists(final):
+                self.catalog.upsert(name, self._read_meta(final).model_copy(update={"name": name}))
+            else:
+                self.catalog.delete(name)
+            self.fs.rm(self._p(marker))
+        for orphan in self._entries(OLD_PREFIX):
+            self._remove_tree(self._p(orphan))
+
+    def _remove_stale_temps(self) -> None:
+        """Temp folders of adds that died long ago (their name starts with the creation time)."""
+        now = time.time()
+        for entry in self._entries(TMP_PREFIX):
+            try:
+                started = float(entry[len(TMP_PREFIX) :].split("-", 1)[0])
+            except ValueError:
+                started = 0.0
+            if now - started > STALE_TMP_SECONDS:
+                self._remove_tree(self._p(entry))
+
+    # ---- public API --------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return self.catalog.names()
+
+    def list(
+        self,
+        task: str | None = None,
+        method: str | None = None,
+        base: str | None = None,
+        metric: str | None = None,
+        min_value: float | None = None,
+    ) -> list[ExpertMeta]:
+        """Registered experts matching all filters; `metric` keeps experts reporting it (dotted for nested),
+        `min_value` additionally requires it to be at least that."""
+        metas = self.catalog.query(task=task, method=method, base=base)
+        if metric is None:
+            if min_value is not None:
+                raise MoergeError("list: min_value needs a metric name")
+            return metas
+        out = []
+        for meta in metas:
+            value = _metric_value(meta.metrics, metric)
+            if isinstance(value, (int, float)) and (min_value is None or value >= min_value):
+                out.append(meta)
+        return out
+
+    def meta(self, name: str) -> ExpertMeta:
+        meta = self.catalog.get(validate_name(name))
+        if meta is None:
+            raise MoergeError(f"{self.url}: no expert named {name!r} (see `moerge library list`)")
+        return meta
+
+    def path(self, name: str) -> Path:
+        """A local folder with the expert's files, refused when any file fails its sha256."""
+        self.meta(name)
+        folder = Path(self._p(name)) if self.local else self._cached_copy(name)
+        check_expert_intact(folder)
+        return folder
+
+    def _cached_copy(self, name: str) -> Path:
+        """Download a remote expert into the local cache unless the cached copy is current."""
+        dest = self.state_dir / "experts" / name
+        try:
+            remote_meta = self.fs.cat_file(self._p(name, METADATA_FILE))
+        except FileNotFoundError:
+            raise MoergeError(
+                f"refusing to load expert {name!r}: its folder is missing from {self.url}"
+            ) from None
+        cached = dest / METADATA_FILE
+        if cached.is_file() and cached.read_bytes() == remote_meta:
+            return dest
+        with atomic_directory(dest, overwrite=True) as tmp:
+            self.fs.get(self._p(name) + "/", str(tmp), recursive=True)
+        return dest
+
+    def add(self, folder: str | Path, name: str | None = None, overwrite: bool = False) -> str:
+        """Copy an expert folder in (verified, atomic) and register it; returns its name in the library."""
+        folder = Path(folder)
+        meta = read_expert_meta(folder)
+        name = validate_name(name or meta.name)
+        self._refuse_clobber(name, overwrite)
+        meta = meta.model_copy(update={"name": name})
+        tmp = self._p(f"{TMP_PREFIX}{time.time():.0f}-{uuid.uuid4().hex[:8]}-{name}")
+        try:
+            self._upload(folder, tmp)
+            problems = self._problems(tmp, meta)
+            if problems:
+                raise MoergeError(f"{folder}: copy failed verification ({problems[0]}); nothing was added")
+            self.fs.pipe_file(posixpath.join(tmp, METADATA_FILE), _meta_json(meta))
+            with self._lock:
+                self._recover()
+                self._refuse_clobber(name, overwrite)
+                self._swap(name, tmp, meta)
+        finally:
+            self._remove_tree(tmp)
+        return name
+
+    def _refuse_clobber(self, name: str, overwrite: bool) -> None:
+        if not overwrite and (self.catalog.get(name) is not None or self.fs.exists(self._p(name))):
+            raise MoergeError(f"{self.url}: expert {name!r} already exists (pass --overwrite to replace it)")
+
+    def import_peft(
+        self,
+        adapter_dir: str | Path,
+        *,
+        task: str,
+        base: str,
+        name: str | None = None,
+        overwrite: bool = False,
+    ) -> str:
+        """Add a plain peft adapter (no moerge.json): metadata from its config, the base checked."""
+        from moerge.library.expert import write_expert_meta
+        from moerge.library.peft_import import peft_meta, stage_peft_files
+
+        adapter_dir = Path(adapter_dir)
+        name = validate_name(name or adapter_dir.resolve().name)
+        meta = peft_meta(adapter_dir, task=task, base=base, name=name)
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = Path(tmp) / name
+            stage_peft_files(adapter_dir, staged)
+            write_expert_meta(staged, meta)
+            return self.add(staged, name=name, overwrite=overwrite)
+
+    def remove(self, name: str) -> None:
+        validate_name(name)
+        with self._lock:
+            self._recover()
+            if self.catalog.get(name) is None and not self.fs.exists(self._p(name)):
+                raise MoergeError(f"{self.url}: no expert named {name!r} (see `moerge library list`)")
+            self._swap(name, None, None)
+
+    def export(self, name: str, dest: str | Path) -> Path:
+        """Write the expert's payload (peft's files, no moerge.json or artifacts) to a new local folder."""
+        src, meta = self.path(name), self.meta(name)
+        dest = Path(dest)
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise MoergeError(f"{dest}: exists and is not an empty folder; choose a new one")
+        with atomic_directory(dest, overwrite=True) as tmp:
+            for rel in meta.files:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / rel, tmp / rel)
+        return dest
+
+    def verify(self) -> VerifyReport:
+        """Recompute every registered file's sha256; report corrupted, missing and unregistered experts."""
+        registered, folders = set(self.catalog.names()), set(self._folders())
+        report = VerifyReport(missing=sorted(registered - folders), unregistered=sorted(folders - registered))
+        for name in sorted(registered & folders):
+            report.checked += 1
+            problems = self._problems(self._p(name))
+            if not problems and self._read_meta(self._p(name)).files != self.meta(name).files:
+                problems = ["catalog entry differs from moerge.json (run `moerge library rebuild`)"]
+            if problems:
+                report.corrupted[name] = problems
+        return report
+
+    def rebuild(self) -> list[str]:
+        """Regenerate the catalog from the folders' moerge.json files (folders without one are skipped)."""
+        with self._lock:
+            self._recover()
+            self._remove_stale_temps()
+            entries = []
+            for name in self._folders():
+                try:
+                    meta = self._read_meta(self._p(name))
+                except MoergeError:
+                    continue
+                entries.append((name, meta.model_copy(update={"name": name})))
+            self.catalog.replace_all(entries)
+        return [name for name, _ in entries]
+
+    # ---- derived artifacts -------------------------------------------------------------------------
+
+    def artifact_path(self, name: str, kind: str) -> Path | str:
+        """Where an artifact lives: a Path for local libraries, an fsspec URL for remote ones."""
+        self.meta(name)
+        path = self._p(name, ARTIFACTS_DIR, f"{validate_name(kind, 'artifact kind')}.safetensors")
+        return Path(path) if self.local else self.fs.unstrip_protocol(path)
+
+    def save_artifact(self, name: str, kind: str, key: dict[str, Any], tensors: dict[str, Any]) -> Path | str:
+        """Store tensors derived from expert `name`, stamped with `key` (and the expert's file hashes)."""
+        digest, key_json = artifacts.key_digest(key, self.meta(name).files)
+        data = artifacts.encode(tensors, digest, key_json)
+        target = self._p(name, ARTIFACTS_DIR, f"{validate_name(kind, 'artifact kind')}.safetensors")
+        tmp = f"{target}.{uuid.uuid4().hex[:8]}.tmp"
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        self.fs.pipe_file(tmp, data)
+        self.fs.mv(tmp, target)
+        return self.artifact_path(name, kind)
+
+    def load_artifact(self, name: str, kind: str, key: dict[str, Any]) -> dict[str, Any] | None:
+        """The stored tensors, or None when missing or computed from something else (stale)."""
+        digest, _ = artifacts.key_digest(key, self.meta(name).files)
+        target = self._p(name, ARTIFACTS_DIR, f"{validate_name(kind, 'artifact kind')}.safetensors")
+        if not self.fs.isfile(target):
+            return None
+        return artifacts.decode(self.fs.cat_file(target), digest)

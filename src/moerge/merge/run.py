@@ -1,0 +1,135 @@
+"""Running a merge end to end: open experts, merge module by module, write an expert folder.
+
+The result is an ordinary expert folder (peft adapter, or full model) whose `moerge.json`
+records its provenance: sources, method, parameters and, for SVD refactoring, per-module
+reconstruction errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moerge.errors import MoergeError
+from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo, write_expert_meta
+from moerge.merge.adapter import merge_to_factors, write_adapter
+from moerge.merge.config import MergeSpec
+from moerge.merge.experts import LoraExpert, open_experts
+from moerge.merge.full import resolve_base, write_full
+from moerge.merge.methods import MergeParams, get_method
+from moerge.merge.plan import MergePlan
+from moerge.paths import atomic_directory
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    path: Path
+    meta: ExpertMeta
+    reconstruction_error: dict[str, float]
+
+
+def build_params(method_name: str, parameters: dict[str, Any]) -> MergeParams:
+    """The method's defaults overridden by the user's parameters; unknown keys are refused."""
+    known = {f.name for f in dataclasses.fields(MergeParams)} - {"layer_fraction"}
+    unknown = sorted(set(parameters) - known)
+    if unknown:
+        raise MoergeError(f"parameters: unknown {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return MergeParams(**{**get_method(method_name).defaults, **parameters})
+
+
+def build_plan(spec: MergeSpec) -> MergePlan:
+    method = get_method(spec.method)
+    params = build_params(spec.method, spec.parameters)
+    experts = open_experts(spec.folders())
+    return MergePlan(experts, method, torch.tensor(spec.weights, dtype=torch.float32), params)
+
+
+def run_merge(spec: MergeSpec, progress: Progress | None = None) -> MergeResult:
+    """Merge as `spec` says. With a library and an adapter output, the result joins the library."""
+    plan = build_plan(spec)
+    if spec.library is not None and spec.output.kind == "adapter":
+        from moerge.library import ExpertLibrary  # type: ignore[attr-defined]  # written alongside
+
+        library = ExpertLibrary(spec.library)
+        with tempfile.TemporaryDirectory(prefix="moerge-merge-") as tmp:
+            folder = Path(tmp) / spec.output.out
+            folder.mkdir()
+            meta, errors = _write(folder, spec, plan, progress)
+            name = library.add(folder, name=spec.output.out, overwrite=spec.output.overwrite)
+        return MergeResult(Path(library.path(name)), meta, errors)
+    final = Path(spec.output.out).expanduser()
+    with atomic_directory(final, overwrite=spec.output.overwrite) as folder:
+        meta, errors = _write(folder, spec, plan, progress)
+    return MergeResult(final, meta, errors)
+
+
+def _write(
+    folder: Path, spec: MergeSpec, plan: MergePlan, progress: Progress | None
+) -> tuple[ExpertMeta, dict[str, float]]:
+    errors: dict[str, float] = {}
+    extra: dict[str, Any] = {}
+    if spec.output.kind == "adapter":
+        factors, errors = merge_to_factors(plan, spec.output.rank, progress)
+        extra["rank"] = write_adapter(folder, plan, factors)
+        extra["exact"] = not errors
+    else:
+        base = resolve_base(spec.output.base or "")
+        extra["base_folder"] = str(base)
+        extra["shards"] = write_full(
+            folder, plan, base, max_shard_bytes=spec.output.max_shard_mb << 20, progress=progress
+        )
+    meta = merged_meta(Path(spec.output.out).name, spec, plan, errors, extra)
+    return write_expert_meta(folder, meta), errors
+
+
+def merged_meta(
+    name: str, spec: MergeSpec, plan: MergePlan, errors: dict[str, float], extra: dict[str, Any]
+) -> ExpertMeta:
+    """Metadata of the merged expert: base copied from the sources, full provenance."""
+    method = f"merge:{plan.method.name}"
+    parameters = plan.params.recorded()
+    hyper = {"method": plan.method.name, "weights": spec.weights, **parameters, **extra}
+    provenance = {
+        "method": plan.method.name,
+        "parameters": parameters,
+        "sources": [_source(e, w) for e, w in zip(plan.experts, spec.weights, strict=True)],
+        "reconstruction_error": errors,
+        "reconstruction_error_max": max(errors.values(), default=0.0),
+        "reconstruction_error_mean": sum(errors.values()) / len(errors) if errors else 0.0,
+    }
+    return ExpertMeta(
+        name=name,
+        kind=spec.output.kind,
+        method=method,
+        task=TaskInfo(name="merged", source="merge"),
+        base=_base_info(plan.experts),
+        hyperparameters=hyper,
+        provenance=provenance,
+    )
+
+
+def _source(expert: LoraExpert, weight: float) -> dict[str, Any]:
+    meta = expert.meta
+    return {
+        "name": expert.label,
+        "path": str(expert.folder),
+        "weight": weight,
+        "task": meta.task.name if meta else None,
+        "method": meta.method if meta else None,
+        "fingerprint": expert.fingerprint,
+    }
+
+
+def _base_info(experts: list[LoraExpert]) -> BaseInfo:
+    for expert in experts:
+        if expert.meta is not None:
+            return expert.meta.base
+    return BaseInfo(name_or_path=str(experts[0].config.get("base_model_name_or_path") or "unknown"))

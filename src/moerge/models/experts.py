@@ -1,0 +1,57 @@
+"""Loading a base model with an expert applied, refusing corrupted or mismatched experts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moerge.errors import MoergeError
+from moerge.library.expert import check_expert_intact, is_expert_folder
+from moerge.models.loading import fingerprint, load_base
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def load_model(
+    base: str | Path, adapter: str | Path | None = None, *, device: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base alone, or with the expert at `adapter` (a moerge expert or any peft adapter folder)."""
+    if adapter is None:
+        return load_base(base, device=device)
+    folder = Path(adapter)
+    if not folder.is_dir():
+        raise MoergeError(f"{folder}: expert folder not found")
+    meta = check_expert_intact(folder) if is_expert_folder(folder) else None
+    if meta is not None and meta.kind == "full":
+        model, tokenizer = load_base(folder, device=device)
+        _check_base(meta.base.fingerprint, fingerprint(base), folder, base)
+        return model, tokenizer
+    model, tokenizer = load_base(base, device=device)
+    if meta is not None:
+        _check_base(meta.base.fingerprint, fingerprint(model), folder, base)
+    return _attach_adapter(model, folder), tokenizer
+
+
+def _check_base(expected: str, actual: str, folder: Path, base: str | Path) -> None:
+    if expected not in ("unknown", actual):
+        raise MoergeError(
+            f"{folder}: expert was trained on base {expected}, but --base {base} has fingerprint {actual}"
+        )
+
+
+def _attach_adapter(model: PreTrainedModel, folder: Path) -> PreTrainedModel:
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    if not (folder / "adapter_config.json").is_file():
+        raise MoergeError(f"{folder}: no adapter_config.json (not a peft adapter folder)")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(folder))
+    except SafetensorError as exc:
+        raise MoergeError(f"{folder}/adapter_model.safetensors: corrupted safetensors file ({exc})") from None
+    except (ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MoergeError(f"{folder}: could not load adapter: {first}") from None
+    peft_model.eval()
+    return peft_model

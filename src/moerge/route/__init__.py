@@ -1,0 +1,1 @@
+"""moerge.route."""

@@ -1,0 +1,47 @@
+"""Oracle: each example's task label picks its expert — the upper bound routers are compared with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moerge.errors import MoergeError
+from moerge.route.routers import Router, RouterEnv, register_router
+from moerge.route.stacked import Step
+
+
+@register_router("oracle")
+class OracleRouter(Router):
+    """Task ids come from `routing_context(task_ids=[...])`: an expert name, its task name, or an index.
+
+    The chosen expert scores 0 and all others -inf, so any policy gives it weight exactly 1.
+    """
+
+    default_policy = {"name": "top_k", "k": 1, "granularity": "example"}
+
+    def build(self, env: RouterEnv) -> None:
+        from moerge.library.expert import read_expert_meta
+
+        tasks = {}
+        for name, expert in zip(self.expert_names, env.handle.experts, strict=True):
+            if (expert.folder / "moerge.json").is_file():
+                tasks[read_expert_meta(expert.folder).task.name] = name
+        self.options.setdefault("task_to_expert", tasks)
+
+    def _index(self, task: Any) -> int:
+        if isinstance(task, int) and 0 <= task < self.num_experts:
+            return task
+        name = self.options.get("task_to_expert", {}).get(task, task)
+        if name not in self.expert_names:
+            raise MoergeError(f"oracle router: task {task!r} has no expert (experts: {', '.join(self.expert_names)})")
+        return self.expert_names.index(name)
+
+    def example_scores(self, step: Step) -> torch.Tensor:
+        task_ids = step.context.get("task_ids")
+        batch = step.mask.shape[0]
+        if task_ids is None or len(task_ids) != batch:
+            raise MoergeError("oracle router: needs one task id per example: routing_context(task_ids=[...])")
+        scores = torch.full((batch, self.num_experts), float("-inf"))
+        scores[torch.arange(batch), torch.tensor([self._index(t) for t in task_ids])] = 0.0
+        return scores

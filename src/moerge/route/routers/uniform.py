@@ -1,0 +1,18 @@
+"""Uniform: every selected expert gets the same weight (the simplest multi-expert baseline)."""
+
+from __future__ import annotations
+
+import torch
+
+from moerge.route.routers import Router, register_router
+from moerge.route.stacked import Step
+
+
+@register_router("uniform")
+class UniformRouter(Router):
+    """Equal scores; with the default `dense` policy each of the K experts gets 1/K."""
+
+    default_policy = {"name": "dense", "granularity": "example"}
+
+    def example_scores(self, step: Step) -> torch.Tensor:
+        return torch.zeros(step.mask.shape[0], self.num_experts)

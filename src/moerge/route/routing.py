@@ -1,0 +1,71 @@
+"""Glue between a router, a policy and the stacked layers: scores → weights, per layer, per forward.
+
+Example- and task-level weights are computed on the prompt (the prefill forward) and reused for every
+generated token, so `generate` routes each example once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from moerge.route.policies import Policy, pool_examples, pool_tasks
+from moerge.route.routers import Router
+from moerge.route.stacked import StackedModel, Step
+
+
+class Routing:
+    """Installs itself as the weight function of every stacked layer of `handle`."""
+
+    def __init__(self, handle: StackedModel, router: Router, policy: Policy) -> None:
+        self.handle = handle
+        self.router = router
+        self.policy = policy
+        self._step: Step | None = None
+        self._cache: dict[str, torch.Tensor] = {}
+        self._example: torch.Tensor | None = None
+        self.records: dict[str, list[torch.Tensor]] | None = None
+        for layer in handle.layers.values():
+            layer.merge = policy.aggregation == "merge"
+        handle.set_weight_fn(self.weights)
+        handle.routing = self
+
+    def start_recording(self) -> None:
+        """Keep each forward's per-example weights [b, K] per module (for `route explain`)."""
+        self.records = defaultdict(list)
+
+    def _new_step(self, step: Step) -> None:
+        self._step = step
+        if step.prefill:
+            self._cache.clear()
+            self._example = self.router.example_scores(step)
+
+    def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        step = self.handle.step
+        if step is not self._step:
+            self._new_step(step)
+        if module in self._cache:
+            return self._cache[module]
+        token = self.router.token_scores(module, x)
+        example = self._example
+        if token is not None and self.policy.granularity == "token":
+            scores = token if example is None else token + example.unsqueeze(1).to(token.dtype)
+            weights = self.policy.select(scores)
+            self._record(module, pool_examples(weights, step.mask) if step.prefill else None)
+            return weights
+        if token is not None:
+            pooled = pool_examples(token, step.mask)
+            scores = pooled if example is None else pooled + example.to(pooled.dtype)
+        else:
+            scores = example
+        if self.policy.granularity == "task":
+            scores = pool_tasks(scores, step.context.get("task_ids"))
+        weights = self.policy.select(scores)
+        self._cache[module] = weights
+        self._record(module, weights)
+        return weights
+
+    def _record(self, module: str, weights: torch.Tensor | None) -> None:
+        if self.records is not None and weights is not None:
+            self.records[module].append(weights.detach().float().cpu())

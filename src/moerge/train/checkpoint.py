@@ -1,0 +1,114 @@
+"""Resumable training state, stored as safetensors + JSON only (nothing is pickled).
+
+A checkpoint is a folder written to a temp name and renamed, so a `kill -9` mid-write leaves the
+previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moerge.errors import MoergeError
+from moerge.paths import write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+STATE = "state.json"
+PARAMS = "trainable.safetensors"
+OPTIM_TENSORS = "optimizer.safetensors"
+OPTIM_META = "optimizer.json"
+
+
+@dataclass
+class TrainState:
+    """Progress that must survive an interruption."""
+
+    step: int = 0
+    total_steps: int = 0
+    config_hash: str = ""
+    elapsed_s: float = 0.0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def checkpoint_dir_for(out: Path) -> Path:
+    """The hidden work folder beside the expert's final location."""
+    return out.parent / f".{out.name}.work"
+
+
+def save_checkpoint(workdir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
+    from safetensors.torch import save_file
+
+    final = workdir / "checkpoint"
+    tmp = workdir / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / PARAMS))
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(tmp / OPTIM_TENSORS))
+    write_json_atomic(tmp / OPTIM_META, meta)
+    write_json_atomic(tmp / STATE, asdict(state))
+    old = workdir / "checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(workdir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    from safetensors.torch import load_file
+
+    folder = workdir / "checkpoint"
+    if not (folder / STATE).is_file() and (workdir / "checkpoint.old" / STATE).is_file():
+        folder = workdir / "checkpoint.old"  # killed between the two renames
+    try:
+        state = TrainState(**json.loads((folder / STATE).read_text()))
+        params = load_file(str(folder / PARAMS))
+        optim = _unflatten_optimizer(load_file(str(folder / OPTIM_TENSORS)), json.loads((folder / OPTIM_META).read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise MoergeError(f"{folder}: checkpoint unreadable ({exc}); rerun without --resume to restart") from None
+    named = dict(model.named_parameters())
+    missing = [n for n in params if n not in named]
+    if missing:
+        raise MoergeError(f"{folder}: checkpoint has parameter {missing[0]!r} the model lacks")
+    for name, value in params.items():
+        named[name].data.copy_(value)
+    optimizer.load_state_dict(optim)
+    return state
+
+
+def has_checkpoint(workdir: Path) -> bool:
+    return any((workdir / d / STATE).is_file() for d in ("checkpoint", "checkpoint.old"))
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, slots in state_dict["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, slot = key.split(".", 1)
+        state.setdefault(int(idx), {})[slot] = value
+    for idx, slots in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(slots)
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,174 @@
+"""BIG-bench tasks from a tiny sdist built here with the real layout (never the 342 MB one)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from moerge.data import bigbench, load_task
+from moerge.errors import MoergeError
+
+TOP = "bigbench-1.0.0/bigbench/benchmark_tasks"
+MC_EXAMPLES = [
+    {"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2 == 1)}}
+    for i in range(20)
+]
+FILES = {
+    f"{TOP}/evenness/task.json": {
+        "name": "evenness",
+        "description": "Tell even numbers",
+        "examples": MC_EXAMPLES,
+    },
+    f"{TOP}/echo/task.json": {
+        "description": "Repeat",
+        "task_prefix": "Repeat the word.\n",
+        "examples": [{"input": f"w{i}", "target": [f"w{i}", "alt"]} for i in range(6)]
+        + [{"input": "z", "target": "z"}],
+    },
+    f"{TOP}/sums/task.json": {"name": "sums", "description": "Sums"},
+    f"{TOP}/sums/one_digit/task.json": {
+        "description": "1-digit sums",
+        "examples": [{"input": f"{i}+1=", "target": str(i + 1)} for i in range(9)],
+    },
+    f"{TOP}/sums/two_digit/task.json": {"examples": [{"input": "10+1=", "target": "11"}]},
+}
+OTHER = {f"{TOP}/evenness/README.md": "# evenness", "bigbench-1.0.0/setup.py": "print('never run')"}
+
+
+def make_sdist(path: Path, files: dict[str, object] = FILES) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in {**files, **OTHER}.items():
+            data = (content if isinstance(content, str) else json.dumps(content)).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def sdist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = make_sdist(tmp_path / "bigbench-1.0.0.tar.gz")
+    monkeypatch.setenv(bigbench.SDIST_ENV, str(path))
+    return path
+
+
+def test_multiple_choice_task(sdist: Path) -> None:
+    task = load_task("bigbench:evenness")
+    assert task.name == "evenness" and task.description == "Tell even numbers"
+    assert task.is_multiple_choice and sum(task.sizes().values()) == 20
+    for ex in task.train + task.validation + task.test:
+        number = int(ex.input.split()[1])
+        assert ex.choices == ("yes", "no") and ex.target == ("yes" if number % 2 == 0 else "no")
+
+
+def test_free_form_target_takes_first_of_a_list_and_keeps_input(sdist: Path) -> None:
+    task = load_task("bigbench:echo")
+    examples = {ex.input: ex.target for ex in task.train + task.validation + task.test}
+    assert examples == {**{f"w{i}": f"w{i}" for i in range(6)}, "z": "z"}
+    assert not task.is_multiple_choice
+
+
+def test_subtasks(sdist: Path) -> None:
+    task = load_task("bigbench:sums/one_digit")
+    assert task.name == "sums_one_digit" and task.description == "1-digit sums"
+    assert sum(task.sizes().values()) == 9
+    with pytest.raises(
+        MoergeError, match=r"bigbench:sums: task 'sums' needs a subtask.*one_digit, two_digit"
+    ):
+        load_task("bigbench:sums")
+    with pytest.raises(MoergeError, match=r"unknown BIG-bench subtask of sums 'one_digits'.*one_digit"):
+        load_task("bigbench:sums/one_digits")
+
+
+def test_unknown_task_suggests_close_names(sdist: Path) -> None:
+    with pytest.raises(MoergeError, match=r"bigbench:evennes: unknown BIG-bench task 'evennes'.*evenness"):
+        load_task("bigbench:evennes")
+    with pytest.raises(MoergeError, match=r"unknown BIG-bench task '\.\.'"):
+        load_task("bigbench:../evenness")
+
+
+def test_limit_is_seeded(sdist: Path) -> None:
+    first = load_task("bigbench:evenness", limit=7, seed=5)
+    assert sum(first.sizes().values()) == 7
+    assert load_task("bigbench:evenness", limit=7, seed=5).data_hash() == first.data_hash()
+
+
+def test_extracts_only_task_files_once(
+    sdist: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load_task("bigbench:evenness")
+    extracted = sorted(
+        p.relative_to(isolated_home / "bigbench") for p in (isolated_home / "bigbench").rglob("*.*")
+    )
+    assert [str(p) for p in extracted] == [
+        "benchmark_tasks/echo/task.json",
+        "benchmark_tasks/evenness/task.json",
+        "benchmark_tasks/sums/one_digit/task.json",
+        "benchmark_tasks/sums/task.json",
+        "benchmark_tasks/sums/two_digit/task.json",
+        "sdist.json",
+    ]
+
+    def no_second_extraction(*args: object) -> None:
+        raise AssertionError("extracted twice")
+
+    monkeypatch.setattr(bigbench, "_extract", no_second_extraction)
+    assert load_task("bigbench:echo").name == "echo"
+
+
+def test_a_different_sdist_is_extracted_again(sdist: Path) -> None:
+    load_task("bigbench:evenness")
+    make_sdist(sdist, {f"{TOP}/fresh/task.json": {"examples": [{"input": "a", "target": "b"}]}})
+    assert load_task("bigbench:fresh").name == "fresh"
+    with pytest.raises(MoergeError, match="unknown BIG-bench task 'evenness'"):
+        load_task("bigbench:evenness")
+
+
+def test_bad_sdist_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(bigbench.SDIST_ENV, str(tmp_path / "missing.tar.gz"))
+    with pytest.raises(MoergeError, match=r"MOERGE_BIGBENCH_SDIST=.*missing\.tar\.gz: file not found"):
+        load_task("bigbench:evenness")
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(b"not a tarball")
+    monkeypatch.setenv(bigbench.SDIST_ENV, str(broken))
+    with pytest.raises(MoergeError, match="not a readable BIG-bench sdist"):
+        load_task("bigbench:evenness")
+
+
+def test_downloads_with_pip_download_when_absent(
+    tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(bigbench.SDIST_ENV, raising=False)
+    calls: list[list[str]] = []
+
+    def fake_pip(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        calls.append(command)
+        make_sdist(Path(command[command.index("-d") + 1]) / bigbench.SDIST_NAME)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    assert load_task("bigbench:evenness").name == "evenness"
+    assert load_task("bigbench:echo").name == "echo"
+    assert len(calls) == 1
+    assert (
+        calls[0][1:4] == ["-m", "pip", "download"] and "--no-deps" in calls[0] and "install" not in calls[0]
+    )
+    assert (isolated_home / "sources" / bigbench.SDIST_NAME).is_file()
+
+
+def test_failed_download_says_how_to_fix_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(bigbench.SDIST_ENV, raising=False)
+
+    def offline(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found\n")
+
+    monkeypatch.setattr(subprocess, "run", offline)
+    with pytest.raises(
+        MoergeError, match=r"could not download .*No matching distribution.*MOERGE_BIGBENCH_SDIST"
+    ):
+        load_task("bigbench:evenness")
