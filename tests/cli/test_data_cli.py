@@ -9,7 +9,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from moerge.cli.main import app
 from moerge.errors import MoergeError
 

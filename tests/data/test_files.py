@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from moerge.data import load_task
 from moerge.errors import MoergeError
 

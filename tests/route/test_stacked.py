@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_tiny
 from peft import PeftModel
+from route_helpers import load_tiny
 
 from moerge.errors import MoergeError
 from moerge.route.stacked import SparseRouting, attach_experts, load_lora_factors
@@ -97,7 +97,16 @@ def test_detach_restores_base(tiny_base, experts):
 
 def test_bad_folders_are_user_errors(tmp_path, tiny_base, experts):
     model, _ = load_tiny(tiny_base)
-    with pytest.raises(MoergeError, match="adapter_config.json"):
+    with pytest.raises(MoergeError, match=r"adapter_config\.json"):
         attach_experts(model, [tmp_path])
     with pytest.raises(MoergeError, match="unique"):
         attach_experts(model, [experts["alpha"], experts["alpha"]])
+
+
+def test_attaching_twice_is_refused_until_detached(tiny_base, experts):
+    model, _ = load_tiny(tiny_base)
+    handle = attach_experts(model, [experts["alpha"]])
+    with pytest.raises(MoergeError, match="already has experts"):
+        attach_experts(model, [experts["beta"]])
+    handle.detach()
+    assert attach_experts(model, [experts["beta"]]).expert_names == ["beta"]

@@ -68,6 +68,7 @@ def generate_command(
 
     model, tokenizer = _load(base, adapter, router)
     example = Example(input=prompt, target="")
-    answer = generate_answers(model, tokenizer, [example], batch_size=1, max_new_tokens=max_new_tokens,
-                              progress=False)[0]
+    answer = generate_answers(model, tokenizer, [example], batch_size=1, max_new_tokens=max_new_tokens, progress=False)[
+        0
+    ]
     print(answer)

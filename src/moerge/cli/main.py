@@ -29,6 +29,7 @@ def _register() -> None:
     app.add_typer(models.app, name="models")
     app.add_typer(data.app, name="data")
     app.command("train")(train.train)
+    app.command("train-library")(train.train_library_command)
     app.command("eval")(evaluate.eval_command)
     app.command("generate")(evaluate.generate_command)
     app.command("demo")(demo.demo)

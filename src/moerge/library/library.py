@@ -195,16 +195,30 @@ class ExpertLibrary:
     # ---- the atomic swap and its recovery --------------------------------------------------------
 
     def _swap(self, name: str, new_folder: str | None, meta: ExpertMeta | None) -> None:
-        """Under the lock: put `new_folder` in place of `name` (or remove it when None), then index it."""
+        """Under the lock: put `new_folder` in place of `name` (or remove it when None), then index it.
+
+        A crash midway leaves the pending marker for `_recover`; an exception puts the old state back.
+        """
         final, old, pending = self._p(name), self._p(OLD_PREFIX + name), self._p(PENDING_PREFIX + name)
         self.fs.pipe_file(pending, b"")
-        if self.fs.exists(final):
-            self.fs.mv(final, old, recursive=True)
-        if new_folder is not None:
-            self.fs.mv(new_folder, final, recursive=True)
-            self.catalog.upsert(name, meta)
-        else:
-            self.catalog.delete(name)
+        moved_old = moved_new = False
+        try:
+            if self.fs.exists(final):
+                self.fs.mv(final, old, recursive=True)
+                moved_old = True
+            if new_folder is None:
+                self.catalog.delete(name)
+            else:
+                self.fs.mv(new_folder, final, recursive=True)
+                moved_new = True
+                self.catalog.upsert(name, meta)
+        except BaseException:
+            if moved_new:
+                self._remove_tree(final)
+            if moved_old:
+                self.fs.mv(old, final, recursive=True)
+            self.fs.rm(pending)
+            raise
         self.fs.rm(pending)
         self._remove_tree(old)
 
@@ -272,6 +286,11 @@ class ExpertLibrary:
     def path(self, name: str) -> Path:
         """A local folder with the expert's files, refused when any file fails its sha256."""
         self.meta(name)
+        if not self.fs.isdir(self._p(name)):
+            raise MoergeError(
+                f"refusing to load expert {name!r}: its folder is missing from {self.url} "
+                "(see `moerge library verify`)"
+            )
         folder = Path(self._p(name)) if self.local else self._cached_copy(name)
         check_expert_intact(folder)
         return folder
@@ -279,12 +298,7 @@ class ExpertLibrary:
     def _cached_copy(self, name: str) -> Path:
         """Download a remote expert into the local cache unless the cached copy is current."""
         dest = self.state_dir / "experts" / name
-        try:
-            remote_meta = self.fs.cat_file(self._p(name, METADATA_FILE))
-        except FileNotFoundError:
-            raise MoergeError(
-                f"refusing to load expert {name!r}: its folder is missing from {self.url}"
-            ) from None
+        remote_meta = self.fs.cat_file(self._p(name, METADATA_FILE))
         cached = dest / METADATA_FILE
         if cached.is_file() and cached.read_bytes() == remote_meta:
             return dest
@@ -296,7 +310,7 @@ class ExpertLibrary:
         """Copy an expert folder in (verified, atomic) and register it; returns its name in the library."""
         folder = Path(folder)
         meta = read_expert_meta(folder)
-        name = validate_name(name or meta.name)
+        name = validate_name(meta.name if name is None else name)
         self._refuse_clobber(name, overwrite)
         meta = meta.model_copy(update={"name": name})
         tmp = self._p(f"{TMP_PREFIX}{time.time():.0f}-{uuid.uuid4().hex[:8]}-{name}")
@@ -332,7 +346,7 @@ class ExpertLibrary:
         from moerge.library.peft_import import peft_meta, stage_peft_files
 
         adapter_dir = Path(adapter_dir)
-        name = validate_name(name or adapter_dir.resolve().name)
+        name = validate_name(adapter_dir.resolve().name if name is None else name)
         meta = peft_meta(adapter_dir, task=task, base=base, name=name)
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / name

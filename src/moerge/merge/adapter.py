@@ -25,11 +25,20 @@ Factors = tuple[torch.Tensor, torch.Tensor]  # (A: r × in, B: out × r)
 
 
 def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Best rank-`rank` factors (A, B) of `delta` and ‖Δ − B·A‖_F / ‖Δ‖_F."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    total = float(s.square().sum())
-    error = float(s[rank:].square().sum()) / total if total > 0 else 0.0
-    return vh[:rank], u[:, :rank] * s[:rank], error**0.5
+    """Best rank-`rank` factors (A, B) of `delta` and ‖Δ − B·A‖_F / ‖Δ‖_F.
+
+    The top singular vectors come from an eigendecomposition of the smaller Gram matrix in float64:
+    as exact as an SVD for the leading subspace, faster, and without LAPACK's SVD workspace.
+    """
+    d = delta.double()
+    wide = d.shape[0] <= d.shape[1]
+    eigenvalues, eigenvectors = torch.linalg.eigh(d @ d.T if wide else d.T @ d)  # ascending
+    top = eigenvectors[:, -rank:].flip(-1)
+    a, b = (top.T @ d, top) if wide else (top.T, d @ top)
+    energy = eigenvalues.clamp(min=0)
+    total = float(energy.sum())
+    error = max(total - float(energy[-rank:].sum()), 0.0) / total if total > 0 else 0.0
+    return a.to(delta.dtype), b.to(delta.dtype), error**0.5
 
 
 def concat_factors(plan: MergePlan, module: str) -> Factors:

@@ -45,7 +45,7 @@ class ExpertRef(BaseModel):
             return Path(self.path).expanduser()
         if library is None:
             raise MoergeError(f"experts: {self.name!r} is a library name but no library is given (--library)")
-        from moerge.library import ExpertLibrary  # type: ignore[attr-defined]  # written alongside
+        from moerge.library import ExpertLibrary
 
         return Path(ExpertLibrary(library).path(self.name))
 

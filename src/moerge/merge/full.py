@@ -43,17 +43,28 @@ class TensorSpec:
         return count * _ITEM_SIZE[self.dtype]
 
 
-def resolve_base(base: str | Path) -> Path:
-    """A base model folder: the lead's resolver turns names into folders when it is available."""
-    try:
-        from moerge.models import resolve_base as resolve  # type: ignore[attr-defined]
-    except ImportError:
-        folder = Path(base).expanduser()
-    else:
-        folder = Path(resolve(str(base)))
+def resolve_base_folder(base: str | Path) -> Path:
+    """A local base model folder (a packaged/cached name is turned into its folder)."""
+    from moerge.models import resolve_base
+
+    folder = Path(resolve_base(base)).expanduser()
     if not folder.is_dir():
-        raise MoergeError(f"output.base: {base} is not a model folder")
+        raise MoergeError(f"output.base: {base} is not a local model folder")
     return folder
+
+
+def check_base_fingerprint(plan: MergePlan, base: Path) -> str:
+    """The base's fingerprint, refused when the experts were trained on another base."""
+    from moerge.models import fingerprint
+
+    actual = fingerprint(base)
+    for expert in plan.experts:
+        if expert.fingerprint not in ("unknown", actual):
+            raise MoergeError(
+                f"output.base: {base} has fingerprint {actual}, but expert {expert.label}"
+                f" was trained on {expert.fingerprint}"
+            )
+    return actual
 
 
 def base_tensors(folder: Path) -> list[TensorSpec]:

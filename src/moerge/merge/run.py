@@ -21,7 +21,7 @@ from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo, write_expert_m
 from moerge.merge.adapter import merge_to_factors, write_adapter
 from moerge.merge.config import MergeSpec
 from moerge.merge.experts import LoraExpert, open_experts
-from moerge.merge.full import resolve_base, write_full
+from moerge.merge.full import check_base_fingerprint, resolve_base_folder, write_full
 from moerge.merge.methods import MergeParams, get_method
 from moerge.merge.plan import MergePlan
 from moerge.paths import atomic_directory
@@ -56,9 +56,13 @@ def run_merge(spec: MergeSpec, progress: Progress | None = None) -> MergeResult:
     """Merge as `spec` says. With a library and an adapter output, the result joins the library."""
     plan = build_plan(spec)
     if spec.library is not None and spec.output.kind == "adapter":
-        from moerge.library import ExpertLibrary  # type: ignore[attr-defined]  # written alongside
+        from moerge.library import ExpertLibrary
 
         library = ExpertLibrary(spec.library)
+        if not spec.output.overwrite and spec.output.out in library.names():
+            raise MoergeError(
+                f"output.out: expert {spec.output.out!r} already exists in {spec.library} (--overwrite)"
+            )
         with tempfile.TemporaryDirectory(prefix="moerge-merge-") as tmp:
             folder = Path(tmp) / spec.output.out
             folder.mkdir()
@@ -76,24 +80,32 @@ def _write(
 ) -> tuple[ExpertMeta, dict[str, float]]:
     errors: dict[str, float] = {}
     extra: dict[str, Any] = {}
+    base_info = _base_info(plan.experts)
     if spec.output.kind == "adapter":
         factors, errors = merge_to_factors(plan, spec.output.rank, progress)
         extra["rank"] = write_adapter(folder, plan, factors)
         extra["exact"] = not errors
     else:
-        base = resolve_base(spec.output.base or "")
-        extra["base_folder"] = str(base)
+        base = resolve_base_folder(spec.output.base or "")
+        base_info = BaseInfo(
+            name_or_path=spec.output.base or str(base), fingerprint=check_base_fingerprint(plan, base)
+        )
         extra["shards"] = write_full(
             folder, plan, base, max_shard_bytes=spec.output.max_shard_mb << 20, progress=progress
         )
-    meta = merged_meta(Path(spec.output.out).name, spec, plan, errors, extra)
+    meta = merged_meta(Path(spec.output.out).name, spec, plan, base_info, errors, extra)
     return write_expert_meta(folder, meta), errors
 
 
 def merged_meta(
-    name: str, spec: MergeSpec, plan: MergePlan, errors: dict[str, float], extra: dict[str, Any]
+    name: str,
+    spec: MergeSpec,
+    plan: MergePlan,
+    base: BaseInfo,
+    errors: dict[str, float],
+    extra: dict[str, Any],
 ) -> ExpertMeta:
-    """Metadata of the merged expert: base copied from the sources, full provenance."""
+    """Metadata of the merged expert, with full provenance."""
     method = f"merge:{plan.method.name}"
     parameters = plan.params.recorded()
     hyper = {"method": plan.method.name, "weights": spec.weights, **parameters, **extra}
@@ -110,7 +122,7 @@ def merged_meta(
         kind=spec.output.kind,
         method=method,
         task=TaskInfo(name="merged", source="merge"),
-        base=_base_info(plan.experts),
+        base=base,
         hyperparameters=hyper,
         provenance=provenance,
     )
@@ -129,6 +141,7 @@ def _source(expert: LoraExpert, weight: float) -> dict[str, Any]:
 
 
 def _base_info(experts: list[LoraExpert]) -> BaseInfo:
+    """An adapter merge sits on its sources' base."""
     for expert in experts:
         if expert.meta is not None:
             return expert.meta.base

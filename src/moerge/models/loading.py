@@ -57,9 +57,7 @@ def _digest(named: Iterable[tuple[str, tuple[int, ...], Callable[[], torch.Tenso
     """Hash names, shapes and a sample of values (as bf16) so dtype and tying don't matter."""
     import torch
 
-    items = sorted(
-        (_canonical(n), s, get) for n, s, get in named if not _canonical(n).startswith("lm_head")
-    )
+    items = sorted((_canonical(n), s, get) for n, s, get in named if not _canonical(n).startswith("lm_head"))
     digest = hashlib.sha256()
     for name, shape, _ in items:
         digest.update(f"{name}:{list(shape)};".encode())
@@ -95,7 +93,7 @@ def _safetensors_entries(folder: Path) -> list[tuple[str, tuple[int, ...], Calla
     entries = []
     for file in files:
         with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():
+            for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
                 shape = tuple(fh.get_slice(key).get_shape())
                 entries.append((key, shape, (lambda f=file, k=key: _read_tensor(f, k))))
     return entries
@@ -106,4 +104,3 @@ def _read_tensor(file: Path, key: str) -> torch.Tensor:
 
     with safe_open(str(file), framework="pt") as fh:
         return fh.get_tensor(key)
-

@@ -16,7 +16,9 @@ from moerge.route.routers import RouterEnv
 Tensors = dict[str, torch.Tensor]
 
 
-def cached_per_expert(env: RouterEnv, kind: str, key: dict[str, Any], compute: Callable[[int], Tensors]) -> list[Tensors]:
+def cached_per_expert(
+    env: RouterEnv, kind: str, key: dict[str, Any], compute: Callable[[int], Tensors]
+) -> list[Tensors]:
     """For each expert k: its artifact from the library if present and current, else `compute(k)`."""
     out = []
     for k, name in enumerate(env.handle.expert_names):

@@ -86,7 +86,13 @@ def _minilm(texts: Sequence[str], batch_size: int) -> torch.Tensor:
     tok, model = _MINILM["tok"], _MINILM["model"]
     parts = []
     for i in range(0, len(texts), batch_size):
-        enc = tok(list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=256, return_tensors="pt")
+        enc = tok(
+            list(texts[i : i + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=256,
+            return_tensors="pt",
+        )
         hidden = model(**enc).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         parts.append((hidden * m).sum(1) / m.sum(1).clamp(min=1))

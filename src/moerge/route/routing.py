@@ -52,7 +52,8 @@ class Routing:
         if token is not None and self.policy.granularity == "token":
             scores = token if example is None else token + example.unsqueeze(1).to(token.dtype)
             weights = self.policy.select(scores)
-            self._record(module, pool_examples(weights, step.mask) if step.prefill else None)
+            if self.records is not None and step.prefill:
+                self._record(module, pool_examples(weights, step.mask))
             return weights
         if token is not None:
             pooled = pool_examples(token, step.mask)
@@ -63,9 +64,9 @@ class Routing:
             scores = pool_tasks(scores, step.context.get("task_ids"))
         weights = self.policy.select(scores)
         self._cache[module] = weights
-        self._record(module, weights)
+        if self.records is not None:
+            self._record(module, weights)
         return weights
 
-    def _record(self, module: str, weights: torch.Tensor | None) -> None:
-        if self.records is not None and weights is not None:
-            self.records[module].append(weights.detach().float().cpu())
+    def _record(self, module: str, weights: torch.Tensor) -> None:
+        self.records[module].append(weights.detach().float().cpu())

@@ -218,9 +218,8 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def _find_module(model: nn.Module, name: str) -> str:
+def _find_module(names: set[str], name: str) -> str:
     """The model's module for an adapter key (peft keys may carry a `model.` prefix or not)."""
-    names = dict(model.named_modules())
     for candidate in (name, name.removeprefix("model."), f"model.{name}"):
         if candidate in names:
             return candidate
@@ -231,7 +230,7 @@ class StackedModel:
     """Handle to a transformers model whose target linears were replaced by stacked-expert layers.
 
     `weight_fn(module, x)` decides the routing weights of every layer; routers install one via
-    `moerge.route.routed.Routing`. `step` describes the current forward (padding mask, prefill or
+    `moerge.route.routing.Routing`. `step` describes the current forward (padding mask, prefill or
     decode, routing context), so example-level routing can be computed once on the prompt.
     """
 
@@ -285,16 +284,17 @@ class StackedModel:
             parent, child = _parent(self.model, name)
             setattr(parent, child, layer.base)
         self._hook.remove()
+        del self.model.moerge_routing
         return self.model
 
 
-def attach_experts(
-    model: nn.Module, expert_folders: Sequence[str | Path] | Mapping[str, str | Path]
-) -> StackedModel:
+def attach_experts(model: nn.Module, expert_folders: Sequence[str | Path] | Mapping[str, str | Path]) -> StackedModel:
     """Replace every linear that any expert adapts with a stacked-expert layer, in place.
 
     Expert order is the order given; names come from the mapping keys, `moerge.json`, or folder names.
     """
+    if isinstance(getattr(model, "moerge_routing", None), StackedModel):
+        raise MoergeError("the model already has experts attached: call model.moerge_routing.detach() first")
     items = expert_folders.items() if isinstance(expert_folders, Mapping) else [(None, f) for f in expert_folders]
     experts = [load_lora_factors(folder, name) for name, folder in items]
     if not experts:
@@ -304,8 +304,9 @@ def attach_experts(
         raise MoergeError(f"expert names must be unique, got {names}")
     adapted = sorted({m for e in experts for m in e.modules})
     layers: dict[str, StackedLoRALinear] = {}
+    module_names = {name for name, _ in model.named_modules()}
     for key in adapted:
-        name = _find_module(model, key)
+        name = _find_module(module_names, key)
         parent, child = _parent(model, name)
         base = getattr(parent, child)
         if not isinstance(base, nn.Linear):

@@ -64,7 +64,8 @@ def save_checkpoint(workdir: Path, model: nn.Module, optimizer: torch.optim.Opti
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(workdir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+def load_checkpoint(workdir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config_hash: str) -> TrainState:
+    """Restore weights and optimizer; refuse a checkpoint made with other settings."""
     from safetensors.torch import load_file
 
     folder = workdir / "checkpoint"
@@ -73,9 +74,13 @@ def load_checkpoint(workdir: Path, model: nn.Module, optimizer: torch.optim.Opti
     try:
         state = TrainState(**json.loads((folder / STATE).read_text()))
         params = load_file(str(folder / PARAMS))
-        optim = _unflatten_optimizer(load_file(str(folder / OPTIM_TENSORS)), json.loads((folder / OPTIM_META).read_text()))
+        optim = _unflatten_optimizer(
+            load_file(str(folder / OPTIM_TENSORS)), json.loads((folder / OPTIM_META).read_text())
+        )
     except (OSError, ValueError, TypeError) as exc:
         raise MoergeError(f"{folder}: checkpoint unreadable ({exc}); rerun without --resume to restart") from None
+    if state.config_hash != config_hash:
+        raise MoergeError(f"{workdir}: checkpoint was made with different settings; use --restart")
     named = dict(model.named_parameters())
     missing = [n for n in params if n not in named]
     if missing:

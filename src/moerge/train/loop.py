@@ -117,13 +117,23 @@ def train_expert(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     total = total_steps_for(cfg, len(encoded))
     state = TrainState(total_steps=total, config_hash=cfg.fingerprint())
+    resumed_from = 0
     if resume and has_checkpoint(workdir):
-        state = load_checkpoint(workdir, model, optimizer)
-        if state.config_hash != cfg.fingerprint():
-            raise MoergeError(f"{workdir}: checkpoint was made with different settings; use --restart")
+        state = load_checkpoint(workdir, model, optimizer, cfg.fingerprint())
+        resumed_from = state.step
 
-    _run_steps(model, optimizer, encoded, cfg, state, workdir, lr=lr, pad_id=tokenizer.pad_token_id,
-               device=device, progress=progress)
+    _run_steps(
+        model,
+        optimizer,
+        encoded,
+        cfg,
+        state,
+        workdir,
+        lr=lr,
+        pad_id=tokenizer.pad_token_id,
+        device=device,
+        progress=progress,
+    )
     model.eval()
     metrics = {}
     if cfg.eval_split:
@@ -138,9 +148,15 @@ def train_expert(
         base=BaseInfo(name_or_path=cfg.base, fingerprint=base_fp),
         hyperparameters={
             **method.hyperparameters(cfg),
-            "lr": lr, "steps": total, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
-            "seed": cfg.seed, "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay,
+            "lr": lr,
+            "steps": total,
+            "batch_size": cfg.batch_size,
+            "max_length": cfg.max_length,
+            "seed": cfg.seed,
+            "warmup_ratio": cfg.warmup_ratio,
+            "weight_decay": cfg.weight_decay,
             "limit": cfg.limit,
+            "config_hash": cfg.fingerprint(),
         },
         metrics=metrics,
         cost={
@@ -151,6 +167,7 @@ def train_expert(
             "tokens_per_s": round(state.tokens / max(state.elapsed_s, 1e-9), 1),
             "device": device,
             "final_loss": state.losses[-1] if state.losses else None,
+            "resumed_from_step": resumed_from,
         },
     )
     with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -160,8 +177,19 @@ def train_expert(
     return meta
 
 
-def _run_steps(model, optimizer, encoded, cfg, state: TrainState, workdir: Path, *, lr: float, pad_id: int,
-               device: str, progress: bool) -> None:
+def _run_steps(
+    model,
+    optimizer,
+    encoded,
+    cfg,
+    state: TrainState,
+    workdir: Path,
+    *,
+    lr: float,
+    pad_id: int,
+    device: str,
+    progress: bool,
+) -> None:
     import torch
 
     warmup = int(cfg.warmup_ratio * state.total_steps)
@@ -172,7 +200,9 @@ def _run_steps(model, optimizer, encoded, cfg, state: TrainState, workdir: Path,
         while state.step < state.total_steps:
             started = time.perf_counter()
             torch.manual_seed(cfg.seed * 1_000_003 + state.step)  # dropout masks replay on resume
-            batch = collate([encoded[i] for i in batch_order(len(encoded), cfg.batch_size, cfg.seed, state.step)], pad_id)
+            batch = collate(
+                [encoded[i] for i in batch_order(len(encoded), cfg.batch_size, cfg.seed, state.step)], pad_id
+            )
             batch = {k: v.to(device) for k, v in batch.items()}
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(state.step, state.total_steps, warmup)

@@ -65,8 +65,14 @@ class RouterEnv:
     data: dict[str, Any] = field(default_factory=dict)
     library: Any = None
     max_examples: int = 64
+    _loaded: dict[str, list[Example]] = field(default_factory=dict, repr=False)
 
     def examples(self, expert: str) -> list[Example]:
+        if expert not in self._loaded:
+            self._loaded[expert] = self._load_examples(expert)
+        return self._loaded[expert]
+
+    def _load_examples(self, expert: str) -> list[Example]:
         given = self.data.get(expert)
         if given is None:
             given = _recorded_task_spec(self.handle, expert)

@@ -3,6 +3,8 @@ a token's score for the expert is |prototype · x|, then top-k softmax."""
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
 from moerge.route.routers import Router, RouterEnv, module_key, register_router
@@ -24,7 +26,7 @@ def lora_prototype(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class ArrowRouter(Router):
     """Prototypes are cached as expert artifacts (kind "arrow") when a library is given."""
 
-    default_policy = {"name": "top_k", "k": 2, "granularity": "token"}
+    default_policy: ClassVar[dict[str, Any]] = {"name": "top_k", "k": 2, "granularity": "token"}
 
     def build(self, env: RouterEnv) -> None:
         from moerge.route.artifacts import cached_per_expert

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,7 +18,7 @@ class OracleRouter(Router):
     The chosen expert scores 0 and all others -inf, so any policy gives it weight exactly 1.
     """
 
-    default_policy = {"name": "top_k", "k": 1, "granularity": "example"}
+    default_policy: ClassVar[dict[str, Any]] = {"name": "top_k", "k": 1, "granularity": "example"}
 
     def build(self, env: RouterEnv) -> None:
         from moerge.library.expert import read_expert_meta
@@ -26,7 +26,8 @@ class OracleRouter(Router):
         tasks = {}
         for name, expert in zip(self.expert_names, env.handle.experts, strict=True):
             if (expert.folder / "moerge.json").is_file():
-                tasks[read_expert_meta(expert.folder).task.name] = name
+                task = read_expert_meta(expert.folder).task
+                tasks.update({task.name: name, task.source: name})
         self.options.setdefault("task_to_expert", tasks)
 
     def _index(self, task: Any) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
 from moerge.route.routers import Router, register_router
@@ -12,7 +14,7 @@ from moerge.route.stacked import Step
 class UniformRouter(Router):
     """Equal scores; with the default `dense` policy each of the K experts gets 1/K."""
 
-    default_policy = {"name": "dense", "granularity": "example"}
+    default_policy: ClassVar[dict[str, Any]] = {"name": "dense", "granularity": "example"}
 
     def example_scores(self, step: Step) -> torch.Tensor:
         return torch.zeros(step.mask.shape[0], self.num_experts)

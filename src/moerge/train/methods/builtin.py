@@ -75,9 +75,7 @@ def _ia3(cfg: TrainConfig) -> PeftConfig:
     from peft import IA3Config
 
     attention = [t for t in cfg.target_modules if t in ("k_proj", "v_proj")] or ["k_proj", "v_proj"]
-    return IA3Config(
-        target_modules=[*attention, "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM"
-    )
+    return IA3Config(target_modules=[*attention, "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM")
 
 
 class IA3Method(PeftMethod):

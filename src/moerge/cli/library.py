@@ -1,0 +1,168 @@
+"""`moerge library ...`: create, fill, inspect and check an expert library (a folder or fsspec URL)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from moerge.library import ExpertLibrary, ExpertMeta
+
+app = typer.Typer(
+    help="Keep experts in a library: catalog, import, export, verification.", no_args_is_help=True
+)
+console = Console()
+
+PATH = typer.Argument(..., help="Library folder or fsspec URL (file://, memory://, s3://...).")
+NAME = typer.Argument(..., help="Expert name in the library.")
+
+
+def _open(path: str) -> ExpertLibrary:
+    from moerge.library import ExpertLibrary
+
+    return ExpertLibrary(path)
+
+
+def create(path: str = PATH) -> None:
+    """Make an empty library (folder of experts plus an SQLite catalog)."""
+    from moerge.library import ExpertLibrary
+
+    lib = ExpertLibrary.create(path)
+    console.print(f"created library {lib.url}")
+
+
+def add(
+    path: str = PATH,
+    expert_dir: Path = typer.Argument(..., help="Expert folder (peft files + moerge.json)."),
+    name: str | None = typer.Option(
+        None, "--name", "-n", help="Name in the library (default: moerge.json's)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an expert of the same name."),
+) -> None:
+    """Copy an expert in: verified against its sha256s, then swapped in atomically."""
+    name = _open(path).add(expert_dir, name=name, overwrite=overwrite)
+    console.print(f"added {name}")
+
+
+def import_peft(
+    path: str = PATH,
+    adapter_dir: Path = typer.Argument(
+        ..., help="A plain peft adapter folder (adapter_config.json + safetensors)."
+    ),
+    task: str = typer.Option(..., "--task", "-t", help="What the adapter was trained on."),
+    base: str = typer.Option(..., "--base", "-b", help="Base model (folder or hub id) it was trained on."),
+    name: str | None = typer.Option(None, "--name", "-n", help="Name in the library (default: folder name)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an expert of the same name."),
+) -> None:
+    """Add an adapter trained with plain peft; its base is checked and missing metadata marked unknown."""
+    lib = _open(path)
+    name = lib.import_peft(adapter_dir, task=task, base=base, name=name, overwrite=overwrite)
+    meta = lib.meta(name)
+    console.print(f"imported {name} ({meta.method}, base check: {meta.provenance.get('base_check')})")
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())
+    )
+
+
+def _table(metas: list[ExpertMeta]) -> Table:
+    table = Table("name", "task", "method", "rank", "base", "metrics", "created")
+    for meta in metas:
+        table.add_row(
+            meta.name,
+            meta.task.name,
+            meta.method,
+            str(meta.hyperparameters.get("rank", "")),
+            f"{meta.base.name_or_path} ({meta.base.fingerprint[:8]})",
+            _metrics_text(meta.metrics),
+            datetime.fromtimestamp(meta.created).strftime("%Y-%m-%d %H:%M"),
+        )
+    return table
+
+
+def list_experts(
+    path: str = PATH,
+    task: str | None = typer.Option(None, help="Only experts for this task."),
+    method: str | None = typer.Option(None, help="Only this method (lora, dora, ...)."),
+    base: str | None = typer.Option(None, help="Only this base (name/path or fingerprint)."),
+    metric: str | None = typer.Option(None, help="Only experts reporting this metric (a.b for nested)."),
+    min_value: float | None = typer.Option(None, "--min", help="With --metric: at least this value."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List experts, optionally filtered."""
+    metas = _open(path).list(task=task, method=method, base=base, metric=metric, min_value=min_value)
+    if as_json:
+        typer.echo(json.dumps([m.model_dump(mode="json") for m in metas], indent=2))
+    else:
+        console.print(_table(metas))
+
+
+def show(path: str = PATH, name: str = NAME) -> None:
+    """Print an expert's moerge.json."""
+    typer.echo(json.dumps(_open(path).meta(name).model_dump(mode="json"), indent=2, sort_keys=True))
+
+
+def remove(path: str = PATH, name: str = NAME) -> None:
+    """Delete an expert (folder and catalog entry together)."""
+    _open(path).remove(name)
+    console.print(f"removed {name}")
+
+
+def export(
+    path: str = PATH,
+    name: str = NAME,
+    out: Path = typer.Argument(..., help="New folder for the plain peft files."),
+) -> None:
+    """Write an expert as a plain peft folder (loads with PeftModel.from_pretrained)."""
+    dest = _open(path).export(name, out)
+    console.print(f"exported {name} to {dest}")
+
+
+def verify(path: str = PATH, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Recompute every file's sha256; exit 1 if anything is corrupted, missing or unregistered."""
+    report = _open(path).verify()
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for name, problems in report.corrupted.items():
+            console.print(f"[red]corrupted[/red] {name}: {problems[0]}", highlight=False)
+        for name in report.missing:
+            console.print(f"[red]missing[/red] {name}: registered, but its folder is gone", highlight=False)
+        for name in report.unregistered:
+            console.print(
+                f"[yellow]unregistered[/yellow] {name}: run `moerge library rebuild`", highlight=False
+            )
+        status = "[green]ok[/green]" if report.ok else "[red]problems found[/red]"
+        console.print(f"{status}: {report.checked} experts checked")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def rebuild(path: str = PATH) -> None:
+    """Regenerate the catalog from the experts' moerge.json files."""
+    names = _open(path).rebuild()
+    console.print(f"catalog rebuilt: {len(names)} experts")
+
+
+def register(root: typer.Typer) -> None:
+    for func, name in (
+        (create, "create"),
+        (add, "add"),
+        (import_peft, "import-peft"),
+        (list_experts, "list"),
+        (show, "show"),
+        (remove, "remove"),
+        (export, "export"),
+        (verify, "verify"),
+        (rebuild, "rebuild"),
+    ):
+        app.command(name)(func)
+    root.add_typer(app, name="library")

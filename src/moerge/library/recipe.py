@@ -1,0 +1,110 @@
+"""A library recipe: one base, one method, shared hyper-parameters, and the tasks to train an expert on.
+
+`moerge train-library recipe.yaml` trains one expert per task entry into `library`. Example:
+
+    base: HuggingFaceTB/SmolLM2-135M-Instruct
+    library: ./experts            # relative paths are relative to the recipe file
+    method: lora
+    hyperparameters: {rank: 8, lr: 2.0e-4, steps: 200}
+    tasks:
+      - gym:chain_sum                              # shorthand: just the task spec
+      - {task: gym:leg_counting, name: legs, overrides: {steps: 400}}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moerge.errors import MoergeError
+from moerge.library.library import validate_name
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+class TaskEntry(BaseModel):
+    """One expert to train: a task spec (as `moerge.data.load_task` reads it) and per-task overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: str = Field(min_length=1)
+    name: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str | None) -> str | None:
+        if name is not None:
+            try:
+                validate_name(name)
+            except MoergeError as exc:
+                raise ValueError(str(exc)) from None
+        return name
+
+    @property
+    def expert_name(self) -> str:
+        """The given name, else one derived from the task spec ("gym:chain_sum" -> "gym-chain_sum")."""
+        return self.name or _UNSAFE.sub("-", self.task).strip(".-")[:128] or "expert"
+
+
+class LibraryRecipe(BaseModel):
+    """What `train-library` needs; unknown keys are errors so typos do not silently do nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: str = Field(min_length=1)
+    library: str = Field(min_length=1)
+    method: str = "lora"
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    tasks: list[TaskEntry] = Field(min_length=1)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _shorthand(cls, tasks: Any) -> Any:
+        if isinstance(tasks, list):
+            return [{"task": t} if isinstance(t, str) else t for t in tasks]
+        return tasks
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> LibraryRecipe:
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(self.tasks):
+            if entry.expert_name in seen:
+                raise ValueError(
+                    f"tasks {seen[entry.expert_name]} and {i} both make expert {entry.expert_name!r}; "
+                    "give one of them a `name`"
+                )
+            seen[entry.expert_name] = i
+        return self
+
+    def settings(self, entry: TaskEntry) -> dict[str, Any]:
+        """Shared hyper-parameters with the task's overrides applied."""
+        return {**self.hyperparameters, **entry.overrides}
+
+
+def load_recipe(path: str | Path) -> LibraryRecipe:
+    """Read a recipe YAML; errors name the file, the line or the field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise MoergeError(f"{path}: not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise MoergeError(f"{path}: {where}invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise MoergeError(f"{path}: expected a mapping with base, library, method, hyperparameters, tasks")
+    try:
+        recipe = LibraryRecipe.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"field {'.'.join(str(p) for p in err['loc']) or 'recipe'!r}: {err['msg']}"
+            for err in exc.errors()[:3]
+        )
+        raise MoergeError(f"{path}: {problems}") from None
+    if "://" not in recipe.library and not Path(recipe.library).is_absolute():
+        recipe = recipe.model_copy(update={"library": str((path.parent / recipe.library).resolve())})
+    return recipe

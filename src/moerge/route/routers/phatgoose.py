@@ -1,0 +1,66 @@
+"""Phatgoose: after an expert is trained, a per-module sigmoid gate vector is fitted on the expert's own
+data with the expert frozen. At inference gates and tokens are standardised and the top-k win."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from moerge.route.routers import Router, RouterEnv, module_key, register_router
+
+
+def standardise(v: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance over the feature dimension (what Phatgoose compares)."""
+    return (v - v.mean(-1, keepdim=True)) / (v.std(-1, keepdim=True) + 1e-6)
+
+
+def fit_gates(env: RouterEnv, k: int, *, steps: int, lr: float) -> dict[str, torch.Tensor]:
+    """Train expert k's gate vectors: its update at each module is scaled by sigmoid(g · x)."""
+    from moerge.route.gate_training import train_router_params
+
+    layers = {name: layer for name, layer in env.handle.layers.items() if layer.present[k]}
+    gates = {name: nn.Parameter(torch.zeros(layer.A.shape[-1])) for name, layer in layers.items()}
+    one_hot = torch.nn.functional.one_hot(torch.tensor(k), env.handle.layers[next(iter(layers))].num_experts)
+
+    def weight_fn(module: str, x: torch.Tensor) -> torch.Tensor | None:
+        if module not in gates:
+            return None
+        return torch.sigmoid(x.float() @ gates[module]).unsqueeze(-1) * one_hot.to(x.device)
+
+    name = env.handle.expert_names[k]
+    train_router_params(env, list(gates.values()), env.examples(name), weight_fn, steps=steps, lr=lr)
+    return {module: g.detach() for module, g in gates.items()}
+
+
+@register_router("phatgoose")
+class PhatgooseRouter(Router):
+    """Options: `steps` (gate training steps per expert, default 100) and `lr` (default 1e-2).
+
+    Gates are cached as expert artifacts (kind "phatgoose") when a library is given.
+    """
+
+    default_policy: ClassVar[dict[str, Any]] = {"name": "top_k", "k": 2, "granularity": "token"}
+
+    def build(self, env: RouterEnv) -> None:
+        from moerge.route.artifacts import cached_per_expert
+
+        steps, lr = int(self.options.get("steps", 100)), float(self.options.get("lr", 1e-2))
+        per_expert = cached_per_expert(
+            env, "phatgoose", {"steps": steps, "lr": lr}, lambda k: fit_gates(env, k, steps=steps, lr=lr)
+        )
+        for name, layer in env.handle.layers.items():
+            gates = torch.zeros(layer.num_experts, layer.A.shape[-1])
+            for k, tensors in enumerate(per_expert):
+                if name in tensors:
+                    gates[k] = tensors[name]
+            self.set_tensor(module_key(name), gates)
+            self.set_tensor(module_key(name) + "#present", layer.present.clone())
+
+    def token_scores(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        key = module_key(module)
+        gates = self.state[key]
+        scores = standardise(x.float()) @ standardise(gates).T / math.sqrt(gates.shape[-1])
+        return scores.masked_fill(~self.state[key + "#present"].bool(), float("-inf"))
