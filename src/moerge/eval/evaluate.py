@@ -46,47 +46,87 @@ def _device(model: PreTrainedModel) -> torch.device:
     return next(model.parameters()).device
 
 
-def sequence_logprobs(model: PreTrainedModel, pairs: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
-    """Sum of log p(answer | prompt) for each (prompt_ids, answer_ids) pair, in one padded batch."""
+def choice_logprobs(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example], *, batch_size: int = 16,
+    progress: bool = False,
+) -> list[list[float]]:
+    """log p(choice | prompt) summed over the choice's tokens, for every choice of every example.
+
+    Each prompt runs once; every choice then continues from the prompt's KV cache (cropped back
+    after each choice), so cost grows with the choices' length, not with prompt × choices. The batch
+    size never changes between the prompt and its choices, so routers that decide on the prompt
+    keep their per-example decisions.
+    """
+    out: list[list[float]] = []
+    with progress_bar(enabled=progress) as bar:
+        job = bar.add_task("eval", total=len(examples), info="rank classification")
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            out.extend(_chunk_choice_logprobs(model, tokenizer, chunk))
+            bar.update(job, advance=len(chunk))
+    return out
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
-    width = max(len(p) + len(a) for p, a in pairs)
-    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for row, (p, a) in enumerate(pairs):
-        seq = p + a
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _chunk_choice_logprobs(model, tokenizer, chunk: list[Example]) -> list[list[float]]:
+    import torch
+    from transformers import DynamicCache
+
     device = _device(model)
+    ids, mask = _left_pad([prompt_ids(tokenizer, ex) for ex in chunk], tokenizer.pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
     with torch.no_grad():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-    out = []
-    for row, (p, a) in enumerate(pairs):
-        positions = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=device)
-        targets = torch.tensor(a, device=device)
-        out.append(float(logprobs[row, positions, targets].sum()))
-    return out
+        prefill = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True)
+    first = torch.log_softmax(prefill.logits[:, -1].float(), dim=-1)
+    cache, lengths = prefill.past_key_values, mask.sum(-1, keepdim=True)
+    choices = [[answer_ids(tokenizer, ex, c) for c in ex.choices or ()] for ex in chunk]
+    scores: list[list[float]] = [[] for _ in chunk]
+    for k in range(max(len(c) for c in choices)):
+        # Examples with fewer choices repeat their first one here; its score is not kept.
+        tokens = [c[k] if k < len(c) else c[0] for c in choices]
+        total = first.gather(1, torch.tensor([t[0] for t in tokens], device=device)[:, None]).squeeze(1)
+        longest = max(len(t) for t in tokens)
+        if longest > 1:
+            cids = torch.full((len(chunk), longest), tokenizer.pad_token_id, dtype=torch.long, device=device)
+            cmask = torch.zeros_like(cids)
+            for i, t in enumerate(tokens):
+                cids[i, : len(t)] = torch.tensor(t, device=device)
+                cmask[i, : len(t)] = 1
+            with torch.no_grad():
+                cont = model(input_ids=cids, attention_mask=torch.cat([mask, cmask], dim=1),
+                             position_ids=lengths + torch.arange(longest, device=device), past_key_values=cache,
+                             use_cache=True)
+            logprobs = torch.log_softmax(cont.logits[:, :-1].float(), dim=-1)
+            picked = logprobs.gather(2, cids[:, 1:, None]).squeeze(2) * cmask[:, 1:]
+            total = total + picked.sum(1)
+            cache.crop(-longest)  # back to the prompt alone
+        for i, c in enumerate(choices):
+            if k < len(c):
+                scores[i].append(float(total[i]))
+    return scores
 
 
 def rank_classify(model, tokenizer, examples: list[Example], *, batch_size: int, progress: bool) -> list[float]:
     """1.0 where the highest-likelihood choice is the target, for each example."""
-    pairs = [
-        (prompt_ids(tokenizer, ex), answer_ids(tokenizer, ex, choice)) for ex in examples for choice in ex.choices or ()
-    ]
-    scores: list[float] = []
-    with progress_bar(enabled=progress) as bar:
-        job = bar.add_task("eval", total=len(pairs), info="rank classification")
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            scores.extend(sequence_logprobs(model, chunk, tokenizer.pad_token_id))
-            bar.update(job, advance=len(chunk))
-    result, offset = [], 0
-    for ex in examples:
+    result = []
+    for ex, scores in zip(examples, choice_logprobs(model, tokenizer, examples, batch_size=batch_size,
+                                                    progress=progress), strict=True):
         choices = list(ex.choices or ())
-        mine = scores[offset : offset + len(choices)]
-        offset += len(choices)
-        result.append(float(choices[mine.index(max(mine))] == ex.target))
+        result.append(float(choices[scores.index(max(scores))] == ex.target))
     return result
 
 
@@ -105,12 +145,8 @@ def generate_answers(
         job = bar.add_task("eval", total=len(examples), info="generation")
         for start in range(0, len(examples), batch_size):
             chunk = [prompt_ids(tokenizer, ex) for ex in examples[start : start + batch_size]]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, p in enumerate(chunk):
-                ids[row, width - len(p) :] = torch.tensor(p)
-                mask[row, width - len(p) :] = 1
+            ids, mask = _left_pad(chunk, tokenizer.pad_token_id)
+            width = ids.shape[1]
             with torch.no_grad():
                 out = model.generate(
                     input_ids=ids.to(device),
