@@ -123,9 +123,7 @@ def side_naive_full(args: argparse.Namespace) -> Callable[[], None]:
     def work() -> None:
         base = AutoModelForCausalLM.from_pretrained(args.base)
         merged_models = [
-            PeftModel.from_pretrained(
-                AutoModelForCausalLM.from_pretrained(args.base), folder
-            ).merge_and_unload()
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.base), folder).merge_and_unload()
             for folder in args.experts
         ]
         states = [m.state_dict() for m in merged_models]
@@ -150,23 +148,33 @@ SIDES = {
 
 def run_side_here(name: str, args: argparse.Namespace) -> None:
     """Child process: do the work, print one JSON line with seconds and peak RSS."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     work = SIDES[name](args)
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     work()
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"side": name, "seconds": seconds, "peak_rss_mb": peak_mb}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
+    print(json.dumps({"side": name, "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": usage.ru_maxrss / 1024}))
 
 
 def run_side(name: str, args: argparse.Namespace) -> dict[str, float]:
     command = [sys.executable, __file__, "--side", name, "--base", str(args.base), "--work", str(args.work)]
     command += ["--experts", ",".join(map(str, args.experts)), "--rank", str(args.rank)]
-    command += ["--density", str(args.density)]
+    command += ["--density", str(args.density), "--threads", str(args.threads or 0)]
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  {name:15s} {result['seconds']:8.2f} s  {result['peak_rss_mb']:8.0f} MB peak RSS", flush=True)
+    print(
+        f"  {name:15s} {result['seconds']:8.2f} s wall {result['cpu_seconds']:8.2f} s CPU"
+        f" {result['peak_rss_mb']:8.0f} MB peak RSS",
+        flush=True,
+    )
     return result
 
 
@@ -186,8 +194,9 @@ def adapter_agreement(ours: Path, theirs: Path) -> float:
 
 def compare(label: str, ours: dict[str, float], theirs: dict[str, float]) -> str:
     speed = theirs["seconds"] / ours["seconds"]
+    cpu = theirs["cpu_seconds"] / ours["cpu_seconds"]
     memory = theirs["peak_rss_mb"] / ours["peak_rss_mb"]
-    return f"{label}: moerge {speed:.2f}x faster, {memory:.2f}x less peak RSS"
+    return f"{label}: moerge {speed:.2f}x faster (wall), {cpu:.2f}x less CPU time, {memory:.2f}x less peak RSS"
 
 
 def main() -> None:
@@ -199,6 +208,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="rank of the merged adapter")
     parser.add_argument("--density", type=float, default=0.2)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default)")
     parser.add_argument("--skip-full", action="store_true", help="only the adapter comparison")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -209,16 +219,17 @@ def main() -> None:
         args.work = args.work or Path(tmp)
         if args.experts is None:
             args.experts = make_experts(args.base, args.work / "experts", args.n_experts, args.expert_rank)
-        print(f"{len(args.experts)} experts, TIES density {args.density}, base {args.base}")
+        threads = args.threads or "default"
+        print(f"{len(args.experts)} experts, TIES density {args.density}, base {args.base}, torch threads {threads}")
         print(f"adapter (rank {args.rank}):")
         ours, theirs = run_side("moerge_adapter", args), run_side("peft_adapter", args)
-        lines = [compare("adapter TIES→rank-16 vs peft ties_svd", ours, theirs)]
+        lines = [compare(f"adapter TIES→rank-{args.rank} vs peft ties_svd", ours, theirs)]
         difference = adapter_agreement(args.work / "moerge_adapter", args.work / "peft_adapter" / "merged")
         lines.append(f"adapter agreement with peft: max relative difference of updates {difference:.2e}")
         if not args.skip_full:
             print("full model:")
             ours, theirs = run_side("moerge_full", args), run_side("naive_full", args)
-            lines.append(compare("full TIES vs 8 merged models in memory", ours, theirs))
+            lines.append(compare(f"full TIES vs {len(args.experts)} merged models in memory", ours, theirs))
         print("\n".join(lines))
 
 

@@ -17,6 +17,12 @@ def moerge_home() -> Path:
     return Path(os.environ.get("MOERGE_HOME", Path.home() / ".cache" / "moerge")).expanduser()
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON via a temp file and rename, so readers never see a partial file."""
     path = Path(path)
@@ -26,6 +32,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=True)
             fh.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -46,6 +53,7 @@ def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise MoergeError(f"{final}: already exists (pass --overwrite to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
     try:
         yield tmp
         if final.exists():

@@ -15,9 +15,7 @@ from moerge.merge import MergeSpec, run_merge
 from moerge.merge.adapter import truncated_svd
 
 
-def spec(
-    experts: dict[str, Path], names: list[str], weights: list[float], out: Path, **kw: object
-) -> MergeSpec:
+def spec(experts: dict[str, Path], names: list[str], weights: list[float], out: Path, **kw: object) -> MergeSpec:
     output = {"kind": "adapter", "out": str(out), **kw.pop("output", {})}  # type: ignore[dict-item]
     refs = [{"path": str(experts[n]), "weight": w} for n, w in zip(names, weights, strict=True)]
     return MergeSpec.model_validate({"method": "linear", "experts": refs, "output": output, **kw})
@@ -42,9 +40,7 @@ def logits_with(tiny_base: Path, deltas: dict[str, torch.Tensor], tokens: torch.
         return model(tokens).logits
 
 
-def test_linear_concat_is_exact_and_loads_in_peft(
-    experts: dict[str, Path], tiny_base: Path, tmp_path: Path
-) -> None:
+def test_linear_concat_is_exact_and_loads_in_peft(experts: dict[str, Path], tiny_base: Path, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -93,9 +89,7 @@ def test_ties_svd_matches_peft_ties_svd(experts: dict[str, Path], tiny_base: Pat
             output={"rank": 3},
         )
     )
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_base), experts["a"], adapter_name="a"
-    )
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), experts["a"], adapter_name="a")
     model.load_adapter(experts["b"], adapter_name="b")
     model.add_weighted_adapter(
         ["a", "b"],
@@ -111,9 +105,7 @@ def test_ties_svd_matches_peft_ties_svd(experts: dict[str, Path], tiny_base: Pat
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and "m" in module.lora_A:
             theirs = module.get_delta_weight("m")
-            torch.testing.assert_close(
-                ours[name.removeprefix("base_model.model.")], theirs, atol=1e-5, rtol=1e-4
-            )
+            torch.testing.assert_close(ours[name.removeprefix("base_model.model.")], theirs, atol=1e-5, rtol=1e-4)
     meta = check_expert_intact(result.path)
     assert meta.provenance["parameters"]["density"] == 0.4 and meta.hyperparameters["rank"] == 3
     errors = meta.provenance["reconstruction_error"]

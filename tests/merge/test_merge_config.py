@@ -92,7 +92,7 @@ def test_lines_scales_each_layer_by_depth(experts: dict[str, Path]) -> None:
     plan = build_plan(load_merge_spec(None, {**flags, "output": {"out": "o"}}))
     for layer, factor in ((0, 0.25), (1, 0.75)):
         module = f"model.layers.{layer}.self_attn.q_proj"
-        torch.testing.assert_close(plan.delta(module), factor * plan.experts[0].delta(module))
+        torch.testing.assert_close(plan.delta(module), factor * plan.task_vectors(module)[0])
 
 
 def test_dare_masks_differ_per_module_but_repeat_per_run(experts: dict[str, Path]) -> None:

@@ -22,22 +22,21 @@ def test_delta_equals_peft_delta_weight(name: str, experts: dict[str, Path], tin
     expected = peft_deltas(tiny_base, experts[name])
     assert expert.modules == sorted(expected)
     for module, delta in expected.items():
-        torch.testing.assert_close(expert.delta(module), delta)
+        a, b = expert.factors(module)
+        torch.testing.assert_close(b @ a, delta)
         assert expert.shape(module) == tuple(delta.shape)
 
 
 def test_missing_module_is_none(experts: dict[str, Path]) -> None:
     expert = LoraExpert.open(experts["a"])
-    assert expert.delta("model.layers.0.mlp.up_proj") is None
+    assert expert.factors("model.layers.0.mlp.up_proj") is None
 
 
 def test_experts_on_different_bases_are_refused(experts: dict[str, Path], tmp_path: Path) -> None:
     other = tmp_path / "other"
     shutil.copytree(experts["b"], other)
     meta = read_expert_meta(other)
-    write_expert_meta(
-        other, meta.model_copy(update={"base": meta.base.model_copy(update={"fingerprint": "x"})})
-    )
+    write_expert_meta(other, meta.model_copy(update={"base": meta.base.model_copy(update={"fingerprint": "x"})}))
     with pytest.raises(MoergeError, match="different base models"):
         open_experts({"a": experts["a"], "other": other})
 

@@ -41,9 +41,7 @@ def assert_loads_as(folder: Path, expected: dict[str, torch.Tensor]) -> None:
         torch.testing.assert_close(state[key], value, atol=1e-6, rtol=1e-5, msg=key)
 
 
-def test_full_merge_equals_base_plus_update(
-    experts: dict[str, Path], tiny_base: Path, tmp_path: Path
-) -> None:
+def test_full_merge_equals_base_plus_update(experts: dict[str, Path], tiny_base: Path, tmp_path: Path) -> None:
     result = run_merge(full_spec(experts, tiny_base, tmp_path / "full"))
     state = expected_state(tiny_base, experts)
     assert_loads_as(result.path, state)

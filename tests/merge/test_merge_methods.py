@@ -20,7 +20,7 @@ def task_vectors(seed: int, n: int = 3, shape: tuple[int, int] = (24, 40)) -> li
 
 
 def run(name: str, deltas: list[torch.Tensor], weights: list[float], **params: object) -> torch.Tensor:
-    return get_method(name).fn(deltas, torch.tensor(weights), MergeParams(**params))
+    return get_method(name).fn(torch.stack(deltas), torch.tensor(weights), MergeParams(**params))
 
 
 WEIGHTS = [0.7, 1.3, 0.4]

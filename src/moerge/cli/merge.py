@@ -29,13 +29,9 @@ def _floats(value: str | None, flag: str) -> list[float] | None:
 def merge(
     config: Path | None = typer.Argument(None, help="YAML merge config (flags override it)."),
     library: str | None = typer.Option(None, "--library", "-l", help="Expert library; experts are names."),
-    experts: str | None = typer.Option(
-        None, help="Comma-separated expert names (or folders without a library)."
-    ),
+    experts: str | None = typer.Option(None, help="Comma-separated expert names (or folders without a library)."),
     weights: str | None = typer.Option(None, help="Comma-separated weights, one per expert (default 1)."),
-    method: str | None = typer.Option(
-        None, "--method", "-m", help="Merge method, e.g. linear, ties, dare_ties."
-    ),
+    method: str | None = typer.Option(None, "--method", "-m", help="Merge method, e.g. linear, ties, dare_ties."),
     density: float | None = typer.Option(None, help="Fraction of entries kept (ties, dare, breadcrumbs)."),
     gamma: float | None = typer.Option(None, help="Breadcrumbs: fraction of largest entries dropped."),
     scaling: float | None = typer.Option(None, help="λ multiplying the merged update."),
@@ -71,9 +67,7 @@ def merge(
         "output": {"kind": kind, "rank": rank, "base": base, "out": out, "overwrite": overwrite or None},
     }
     if config is None and method is None:
-        raise MoergeError(
-            f"--method: required without a config file (known: {', '.join(sorted(MERGE_METHODS))})"
-        )
+        raise MoergeError(f"--method: required without a config file (known: {', '.join(sorted(MERGE_METHODS))})")
     spec = load_merge_spec(config, flags)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"merging ({spec.method})", total=None)

@@ -13,10 +13,16 @@ console = Console()
 
 
 def train(
-    recipe: Path | None = typer.Argument(None, help="YAML recipe with any of the options below (options win)"),
+    recipe: Path | None = typer.Argument(
+        None, help="YAML recipe: the options below (options win), optionally with a `stages:` list"
+    ),
     base: str | None = typer.Option(None, "--base", help="base model: cached name, local folder or hub id"),
     task: str | None = typer.Option(None, "--task", help="data file, datasets folder, gym:<name> or bigbench:<task>"),
-    method: str | None = typer.Option(None, "--method", help="lora, dora, rslora, pissa, ia3 or full"),
+    method: str | None = typer.Option(
+        None,
+        "--method",
+        help="lora, dora, rslora, pissa, olora, eva, corda, lora_ga, ia3, full, hft, bitfit or freeze_lower",
+    ),
     out: Path | None = typer.Option(None, "--out", help="expert folder to write"),
     rank: int | None = typer.Option(None, "--rank", help="adapter rank r (default 8)"),
     alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha (default 16)"),
@@ -37,9 +43,10 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing expert folder"),
     json_out: bool = typer.Option(False, "--json", help="print the expert's metadata as JSON"),
 ) -> None:
-    """Train an expert and write its folder (peft files + moerge.json)."""
+    """Train an expert and write its folder (peft files + moerge.json); recipes may chain stages."""
     from moerge.train import TrainConfig, load_recipe, train_expert
-    from moerge.train.config import config_from_dict
+    from moerge.train.config import Recipe, config_from_dict
+    from moerge.train.stages import train_recipe
 
     options = {
         "base": base,
@@ -59,7 +66,7 @@ def train(
         "checkpoint_every": checkpoint_every,
     }
     if recipe is not None:
-        cfg: TrainConfig = load_recipe(recipe, options)
+        cfg: TrainConfig | Recipe = load_recipe(recipe, options)
     else:
         missing = [f"--{k}" for k in ("base", "task") if options[k] is None]
         if missing:
@@ -68,12 +75,15 @@ def train(
     out = out or (Path(cfg.out) if cfg.out else None)
     if out is None:
         raise MoergeError("missing --out (the expert folder to write)")
-    meta = train_expert(cfg, out, resume=resume, restart=restart, overwrite=overwrite)
+    run = train_recipe if isinstance(cfg, Recipe) else train_expert
+    meta = run(cfg, out, resume=resume, restart=restart, overwrite=overwrite)
     if json_out:
         console.print_json(meta.model_dump_json())
         return
     metric = next(iter(meta.metrics.values()), {}).get("accuracy")
     shown = f"{metric:.3f}" if isinstance(metric, float) else "n/a"
+    stages = getattr(meta, "stages", None)
+    shown += f" stages={len(stages)}" if stages else ""
     console.print(
         f"[green]expert written:[/green] {out}  task={meta.task.name} method={meta.method} "
         f"accuracy={shown} trainable={meta.cost['trainable_params']:,} "

@@ -8,8 +8,9 @@ its relative reconstruction error is reported. The adapter uses lora_alpha = r, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from moerge.merge.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from moerge.merge.plan import MergePlan
+from moerge.merge.plan import MergePlan, release_freed_memory
 from moerge.paths import write_json_atomic
 
 Progress = Callable[[int, int, str], None]
@@ -32,13 +33,25 @@ def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     """
     d = delta.double()
     wide = d.shape[0] <= d.shape[1]
-    eigenvalues, eigenvectors = torch.linalg.eigh(d @ d.T if wide else d.T @ d)  # ascending
+    with single_thread():
+        eigenvalues, eigenvectors = torch.linalg.eigh(d @ d.T if wide else d.T @ d)  # ascending
     top = eigenvectors[:, -rank:].flip(-1)
     a, b = (top.T @ d, top) if wide else (top.T, d @ top)
     energy = eigenvalues.clamp(min=0)
     total = float(energy.sum())
     error = max(total - float(energy[-rank:].sum()), 0.0) / total if total > 0 else 0.0
     return a.to(delta.dtype), b.to(delta.dtype), error**0.5
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """LAPACK's threaded eigensolver is slower on these small matrices and stalls on a busy CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def concat_factors(plan: MergePlan, module: str) -> Factors:
@@ -66,6 +79,7 @@ def merge_to_factors(
         else:
             a, b, errors[module] = truncated_svd(plan.delta(module), rank)
             factors[module] = (a, b)
+        release_freed_memory()
         if progress:
             progress(done, len(plan.modules), module)
     return factors, errors

@@ -59,9 +59,7 @@ class LoraExpert:
             for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
                 match = _KEY.match(key)
                 if not match:
-                    raise MoergeError(
-                        f"{self.folder / ADAPTER_WEIGHTS}: tensor {key!r} is not a LoRA A/B factor"
-                    )
+                    raise MoergeError(f"{self.folder / ADAPTER_WEIGHTS}: tensor {key!r} is not a LoRA A/B factor")
                 self._factors.setdefault(match["module"], {})[match["part"]] = key
         for module, parts in self._factors.items():
             if set(parts) != {"A", "B"}:
@@ -81,9 +79,7 @@ class LoraExpert:
 
     def scaling(self, module: str, rank: int) -> float:
         """peft's scaling for `module`: pattern-matched alpha over r (or √r with rsLoRA)."""
-        alpha = _pattern_value(
-            self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8)
-        )
+        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8))
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -99,11 +95,6 @@ class LoraExpert:
     def fan_in_fan_out(self) -> bool:
         """True for Conv1D-style layers (GPT-2) whose weight is stored as (in, out)."""
         return bool(self.config.get("fan_in_fan_out"))
-
-    def delta(self, module: str) -> torch.Tensor | None:
-        """Δ = s·B·A in the adapter's layout (transpose it for `fan_in_fan_out` base weights)."""
-        pair = self.factors(module)
-        return None if pair is None else pair[1] @ pair[0]
 
     def shape(self, module: str) -> tuple[int, int]:
         """Shape of Δ for `module`, from factor shapes alone."""

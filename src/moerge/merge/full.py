@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from moerge.errors import MoergeError
-from moerge.merge.plan import MergePlan
+from moerge.merge.plan import MergePlan, release_freed_memory
 from moerge.paths import write_json_atomic
 
 Progress = Callable[[int, int, str], None]
@@ -114,9 +114,7 @@ def write_safetensors_stream(path: Path, specs: list[TensorSpec], tensors: Itera
         for spec, tensor in zip(specs, tensors, strict=True):
             data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
             if data.nbytes != spec.nbytes:
-                raise MoergeError(
-                    f"{spec.name}: merged tensor has {data.nbytes} bytes, expected {spec.nbytes}"
-                )
+                raise MoergeError(f"{spec.name}: merged tensor has {data.nbytes} bytes, expected {spec.nbytes}")
             fh.write(memoryview(data))
 
 
@@ -147,6 +145,8 @@ def merged_tensors(
             delta = plan.delta(module)
             delta = delta.T if plan.experts[0].fan_in_fan_out else delta
             tensor = (tensor.float() + delta).to(tensor.dtype)
+            del delta
+            release_freed_memory()
             on_module(module)
         yield tensor
 

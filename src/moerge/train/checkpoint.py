@@ -36,6 +36,7 @@ class TrainState:
     elapsed_s: float = 0.0
     tokens: int = 0
     losses: list[float] = field(default_factory=list)
+    task_losses: dict[str, list[float]] = field(default_factory=dict)  # per task, when several mix
 
 
 def checkpoint_dir_for(out: Path) -> Path:

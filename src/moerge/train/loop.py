@@ -1,30 +1,61 @@
-"""Training one expert: a plain PyTorch loop (no Trainer) so resume and cost accounting are exact.
+"""Training one expert (or one stage): a plain PyTorch loop (no Trainer) so resume and cost accounting are exact.
 
 Data order is a function of (seed, step), so a resumed run sees the same batches it would have.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import random
 import resource
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from moerge.data.prompts import IGNORE_INDEX, Encoded, encode_for_training
+from moerge.data.prompts import IGNORE_INDEX
 from moerge.errors import MoergeError
 from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo, write_expert_meta
 from moerge.paths import atomic_directory
 from moerge.progress import progress_bar
 from moerge.train.checkpoint import TrainState, checkpoint_dir_for, has_checkpoint, load_checkpoint, save_checkpoint
 from moerge.train.config import TrainConfig
+from moerge.train.data import TrainingData, batch_order, collate, task_data, text_data, text_hash
 from moerge.train.methods import get_method
+from moerge.train.methods.base import InitData
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from moerge.data.task import Task
+
+__all__ = ["Start", "batch_order", "collate", "run_training", "train_expert"]
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run begins: a base model, adapters merged into it in order, and an adapter to keep training."""
+
+    base: str
+    merged: tuple[str, ...] = ()
+    adapter: str | None = None
+
+
+def load_start(start: Start, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Build the starting model: the base, each merged adapter folded in, the continued adapter trainable."""
+    from peft import PeftModel
+
+    from moerge.models import load_base
+
+    model, tokenizer = load_base(start.base, device=device)
+    for folder in start.merged:
+        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    if start.adapter:
+        model = PeftModel.from_pretrained(model, start.adapter, is_trainable=True)
+    return model, tokenizer
 
 
 def peak_memory_mb() -> float:
@@ -34,33 +65,6 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def batch_order(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Indices of the examples in batch `step`: epochs are seeded permutations laid end to end."""
-    start = step * batch_size
-    out: list[int] = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n_examples)
-        perm = list(range(n_examples))
-        random.Random(seed * 100_003 + epoch).shuffle(perm)
-        out.extend(perm[offset : offset + batch_size - len(out)])
-    return out
-
-
-def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padding is masked out of attention and loss."""
-    import torch
-
-    width = max(len(e.input_ids) for e in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, e in enumerate(items):
-        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[row, : len(e.labels)] = torch.tensor(e.labels)
-        mask[row, : len(e.input_ids)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -74,6 +78,17 @@ def total_steps_for(cfg: TrainConfig, n_train: int) -> int:
     return cfg.steps or max(1, math.ceil(cfg.epochs * n_train / cfg.batch_size))
 
 
+def claim_output(out: Path, *, resume: bool, restart: bool, overwrite: bool, started: bool) -> None:
+    """Refuse to clobber an expert or silently drop an interrupted run (`started`: one left progress)."""
+    if out.exists() and not overwrite:
+        raise MoergeError(f"{out}: already exists (pass --overwrite to replace it)")
+    workdir = checkpoint_dir_for(out)
+    if started and not resume:
+        if not restart:
+            raise MoergeError(f"{out}: an interrupted run left a checkpoint; pass --resume to continue or --restart")
+        shutil.rmtree(workdir)
+
+
 def train_expert(
     cfg: TrainConfig,
     out: Path,
@@ -84,79 +99,113 @@ def train_expert(
     progress: bool = True,
     device: str | None = None,
 ) -> ExpertMeta:
-    """Train `cfg.method` on `cfg.task` and write the expert folder `out` (atomically)."""
-    import torch
+    """Train `cfg.method` on `cfg`'s data and write the expert folder `out` (atomically).
 
+    Pretraining and self-training configs run as a one-stage recipe (see `moerge.train.stages`).
+    """
     from moerge.data.loaders import load_task
-    from moerge.eval.evaluate import evaluate_task
-    from moerge.models import fingerprint, load_base
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise MoergeError(f"{out}: already exists (pass --overwrite to replace it)")
-    workdir = checkpoint_dir_for(out)
-    if has_checkpoint(workdir) and not resume:
-        if not restart:
-            raise MoergeError(f"{out}: an interrupted run left a checkpoint; pass --resume to continue or --restart")
-        shutil.rmtree(workdir)
-    method = get_method(cfg.method)
-    task = load_task(cfg.task, seed=cfg.seed, limit=cfg.limit)
-    if not task.train:
-        raise MoergeError(f"{cfg.task}: the task has no training examples")
+    if cfg.type != "finetune":
+        from moerge.train.config import Recipe
+        from moerge.train.stages import train_recipe
 
+        recipe = Recipe(base=cfg.base, name=cfg.name, stages=[cfg])
+        return train_recipe(recipe, out, resume=resume, restart=restart, overwrite=overwrite, progress=progress)
+    get_method(cfg.method)  # unknown methods fail before anything loads
+    claim_output(
+        out, resume=resume, restart=restart, overwrite=overwrite, started=has_checkpoint(checkpoint_dir_for(out))
+    )
+    tasks = [load_task(spec, seed=cfg.seed, limit=cfg.limit) for spec in cfg.task_specs]
+    return run_training(
+        cfg,
+        out,
+        start=Start(cfg.base),
+        tasks=tasks,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        device=device,
+    )
+
+
+def run_training(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    start: Start,
+    tasks: list[Task],
+    eval_tasks: list[Task] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+    base_info: BaseInfo | None = None,
+    extra: dict[str, Any] | None = None,
+) -> ExpertMeta:
+    """Train from `start` on `tasks` (or `cfg.text` when pretraining), evaluate, write the folder `out`.
+
+    Continuing an adapter (`start.adapter`) keeps training it as it is, whatever `cfg.method` would
+    initialise. `eval_tasks` defaults to the trained tasks; `base_info` to the starting model;
+    `extra` is added to the recorded hyper-parameters.
+    """
+    import torch
+
+    from moerge.models import fingerprint
+
+    method = get_method(cfg.method)
+    if start.adapter and method.kind != "adapter":
+        raise MoergeError(f"method {cfg.method!r} trains full weights: it cannot continue an adapter; use start: merge")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_base(cfg.base, device=device)
-    base_fp = fingerprint(model)
+    model, tokenizer = load_start(start, device)
+    base_info = base_info or BaseInfo(name_or_path=start.base, fingerprint=fingerprint(model))
+    data = text_data(cfg, tokenizer) if cfg.type == "pretrain" else task_data(tasks, tokenizer, cfg)
+    workdir = checkpoint_dir_for(out)
     workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = method.prepare(model, cfg, workdir)
+    if start.adapter:
+        details: dict[str, Any] = {"continued_from": start.adapter}
+    else:
+        init = InitData([_on(_batch(data, s, tokenizer), device) for s in range(cfg.init_batches)], tokenizer)
+        model = method.prepare(model, cfg, workdir, init)
+        details = method.details(model, cfg)
     model.to(device)
-    encoded = [encode_for_training(tokenizer, ex, cfg.max_length) for ex in task.train]
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr or method.default_lr
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    total = total_steps_for(cfg, len(encoded))
-    state = TrainState(total_steps=total, config_hash=cfg.fingerprint())
+    state = TrainState(total_steps=total_steps_for(cfg, len(data.items)), config_hash=cfg.fingerprint())
     resumed_from = 0
     if resume and has_checkpoint(workdir):
         state = load_checkpoint(workdir, model, optimizer, cfg.fingerprint())
         resumed_from = state.step
 
     _run_steps(
-        model,
-        optimizer,
-        encoded,
-        cfg,
-        state,
-        workdir,
-        lr=lr,
-        pad_id=tokenizer.pad_token_id,
-        device=device,
-        progress=progress,
+        model, optimizer, data, cfg, state, workdir, lr=lr, tokenizer=tokenizer, device=device, progress=progress
     )
     model.eval()
-    metrics = {}
-    if cfg.eval_split:
-        metrics[cfg.eval_split] = evaluate_task(
-            model, tokenizer, task, split=cfg.eval_split, limit=cfg.eval_limit, progress=progress
-        )
+    metrics = _evaluate(model, tokenizer, eval_tasks if eval_tasks is not None else tasks, cfg, progress)
+    if state.task_losses:
+        metrics["train_loss_by_task"] = {name: _final(losses) for name, losses in state.task_losses.items()}
     meta = ExpertMeta(
-        name=cfg.name or task.name,
+        name=cfg.name or (tasks[0].name if len(tasks) == 1 else "+".join(data.task_names)),
         kind=method.kind,
         method=cfg.method,
-        task=TaskInfo(name=task.name, source=task.source, data_hash=task.data_hash()),
-        base=BaseInfo(name_or_path=cfg.base, fingerprint=base_fp),
+        task=_task_info(cfg, tasks),
+        base=base_info,
         hyperparameters={
             **method.hyperparameters(cfg),
+            **details,
             "lr": lr,
-            "steps": total,
+            "steps": state.total_steps,
             "batch_size": cfg.batch_size,
             "max_length": cfg.max_length,
             "seed": cfg.seed,
             "warmup_ratio": cfg.warmup_ratio,
             "weight_decay": cfg.weight_decay,
             "limit": cfg.limit,
+            **_data_settings(cfg),
             "config_hash": cfg.fingerprint(),
+            **(extra or {}),
         },
         metrics=metrics,
         cost={
@@ -171,22 +220,119 @@ def train_expert(
         },
     )
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        method.save(model, tmp, workdir)
+        if start.adapter:
+            model.save_pretrained(tmp)
+        else:
+            method.save(model, tmp, workdir)
+        if method.kind == "full":
+            tokenizer.save_pretrained(tmp)  # a full expert is a complete model folder
         meta = write_expert_meta(tmp, meta)
     shutil.rmtree(workdir, ignore_errors=True)
     return meta
 
 
+def _batch(data: TrainingData, step: int, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+    return collate([data.items[i] for i in data.batch_indices(step)], tokenizer.pad_token_id)
+
+
+def _on(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _final(losses: list[float]) -> float:
+    """Mean of the last tenth of a loss curve: less noisy than the last value."""
+    tail = losses[-max(1, len(losses) // 10) :]
+    return round(sum(tail) / len(tail), 4)
+
+
+def _data_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The multi-task and stage settings, recorded only where they are used."""
+    out: dict[str, Any] = {}
+    if cfg.tasks is not None:
+        out.update(tasks=cfg.tasks, mixing=cfg.mixing, per_task_loss=cfg.per_task_loss)
+        if cfg.mixing == "temperature":
+            out["temperature"] = cfg.temperature
+        if cfg.mixing == "weights":
+            out["weights"] = cfg.weights
+    if cfg.type == "pretrain":
+        out.update(type="pretrain", text=cfg.text)
+    return out
+
+
+def _task_info(cfg: TrainConfig, tasks: list[Task]) -> TaskInfo:
+    if cfg.type == "pretrain":
+        files = list(cfg.text or [])
+        return TaskInfo(name="text", source=",".join(files), data_hash=text_hash(files))
+    if len(tasks) == 1:
+        return TaskInfo(name=tasks[0].name, source=tasks[0].source, data_hash=tasks[0].data_hash())
+    hashes = [t.data_hash() for t in tasks]
+    return TaskInfo(
+        name="+".join(t.name for t in tasks),
+        source=",".join(t.source for t in tasks),
+        data_hash=hashlib.sha256("".join(hashes).encode()).hexdigest(),
+        tasks=[{"name": t.name, "source": t.source, "data_hash": h} for t, h in zip(tasks, hashes, strict=True)],
+    )
+
+
+def _evaluate(model, tokenizer, tasks: list[Task], cfg: TrainConfig, progress: bool) -> dict[str, Any]:
+    """Scores on `cfg.eval_split`: one task's result as is; several tasks' mean plus each task's result."""
+    from moerge.eval.evaluate import evaluate_task
+
+    if not cfg.eval_split or not tasks:
+        return {}
+    split = cfg.eval_split
+    results = {
+        t.name: evaluate_task(model, tokenizer, t, split=split, limit=cfg.eval_limit, progress=progress) for t in tasks
+    }
+    if len(tasks) == 1:
+        return {split: next(iter(results.values()))}
+    scored = [r["accuracy"] for r in results.values() if r["accuracy"] is not None]
+    mean = sum(scored) / len(scored) if scored else None
+    summary = {"accuracy": mean, "n": sum(r["n"] for r in results.values()), "mode": "mean over tasks"}
+    return {split: summary, "tasks": {name: {split: r} for name, r in results.items()}}
+
+
+def batch_loss(
+    model, batch: dict[str, torch.Tensor], task_of_row: list[int], *, per_task: bool
+) -> tuple[torch.Tensor, dict[int, float]]:
+    """Next-token loss over the answer tokens, and each task's own mean loss in the batch.
+
+    With `per_task`, the loss is the mean of the tasks' means, so a task with few (or short)
+    examples in the batch weighs as much as a large one; otherwise every token weighs the same.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(labels.shape)
+    counted = (labels != IGNORE_INDEX).sum(dim=1)
+    row_sums = nll.sum(dim=1)
+    rows = torch.tensor(task_of_row, device=row_sums.device)
+    task_means = {}
+    for t in sorted(set(task_of_row)):
+        mine = rows == t
+        task_means[t] = row_sums[mine].sum() / counted[mine].sum().clamp(min=1)
+    every_token = row_sums.sum() / counted.sum().clamp(min=1)
+    loss = torch.stack(list(task_means.values())).mean() if per_task else every_token
+    return loss, {t: float(v.detach()) for t, v in task_means.items()}
+
+
 def _run_steps(
     model,
     optimizer,
-    encoded,
-    cfg,
+    data: TrainingData,
+    cfg: TrainConfig,
     state: TrainState,
     workdir: Path,
     *,
     lr: float,
-    pad_id: int,
+    tokenizer: PreTrainedTokenizerBase,
     device: str,
     progress: bool,
 ) -> None:
@@ -194,19 +340,18 @@ def _run_steps(
 
     warmup = int(cfg.warmup_ratio * state.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
+    several = len(data.task_names) > 1
     model.train()
     with progress_bar(enabled=progress and sys.stderr.isatty()) as bar:
         job = bar.add_task("train", total=state.total_steps, completed=state.step, info="")
         while state.step < state.total_steps:
             started = time.perf_counter()
             torch.manual_seed(cfg.seed * 1_000_003 + state.step)  # dropout masks replay on resume
-            batch = collate(
-                [encoded[i] for i in batch_order(len(encoded), cfg.batch_size, cfg.seed, state.step)], pad_id
-            )
-            batch = {k: v.to(device) for k, v in batch.items()}
+            rows = data.batch_indices(state.step)
+            batch = _on(collate([data.items[i] for i in rows], tokenizer.pad_token_id), device)
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(state.step, state.total_steps, warmup)
-            loss = model(**batch).loss
+            loss, by_task = batch_loss(model, batch, [data.task_of[i] for i in rows], per_task=cfg.per_task_loss)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -214,6 +359,9 @@ def _run_steps(
             state.step += 1
             state.tokens += int(batch["attention_mask"].sum())
             state.losses.append(round(loss.item(), 4))
+            if several:
+                for t, value in by_task.items():
+                    state.task_losses.setdefault(data.task_names[t], []).append(round(value, 4))
             state.elapsed_s += time.perf_counter() - started
             bar.update(job, advance=1, info=f"loss {state.losses[-1]:.3f}")
             if state.step % cfg.checkpoint_every == 0 and state.step < state.total_steps:

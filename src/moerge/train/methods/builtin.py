@@ -1,4 +1,4 @@
-"""Built-in methods: peft's LoRA family and (IA)3, PiSSA init, and full fine-tuning."""
+"""Built-in methods: peft's LoRA family and (IA)3, PiSSA and OLoRA inits, and full fine-tuning."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moerge.train.methods.base import TrainingMethod, register
+from moerge.train.methods.base import InitData, TrainingMethod, register
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -23,7 +23,7 @@ class PeftMethod(TrainingMethod):
         self.make_config = make_config
         self.default_lr = default_lr
 
-    def prepare(self, model: nn.Module, cfg: TrainConfig, workdir: Path) -> nn.Module:
+    def prepare(self, model: nn.Module, cfg: TrainConfig, workdir: Path, data: InitData) -> nn.Module:
         from peft import get_peft_model
 
         return get_peft_model(model, self.make_config(cfg))
@@ -45,30 +45,35 @@ def _lora(cfg: TrainConfig, **extra: Any) -> PeftConfig:
     )
 
 
-class PissaMethod(PeftMethod):
-    """PiSSA: LoRA initialised from the top singular vectors of W, with W replaced by its residual.
+class ResidualInitMethod(PeftMethod):
+    """A LoRA init that moves part of W into the adapter (W becomes W - B0·A0): PiSSA, OLoRA, CorDA, LoRA-GA.
 
-    Saved as a plain LoRA (rank 2r) against the *original* base via peft's weight conversion, so
-    the expert loads on the unmodified base like any other.
+    The trained adapter is saved as a plain LoRA of rank 2r against the *original* base via peft's
+    weight conversion, so the expert loads on the unmodified base like any other. The init must be
+    deterministic (seeded), because a resumed run recomputes the residual base.
     """
 
-    def __init__(self) -> None:
-        super().__init__("pissa", lambda cfg: _lora(cfg, init_lora_weights="pissa_niter_16"))
+    initial = "initial_adapter"
 
-    def prepare(self, model: nn.Module, cfg: TrainConfig, workdir: Path) -> nn.Module:
+    def prepare(self, model: nn.Module, cfg: TrainConfig, workdir: Path, data: InitData) -> nn.Module:
         import torch
 
-        torch.manual_seed(cfg.seed)  # the randomised SVD must give the same residual on resume
-        peft_model = super().prepare(model, cfg, workdir)
-        initial = workdir / "pissa_init"
+        torch.manual_seed(cfg.seed)  # randomised SVDs must give the same residual on resume
+        peft_model = self.build(model, cfg, data)
+        initial = workdir / self.initial
         if not (initial / "adapter_config.json").is_file():
-            peft_model.peft_config["default"].init_lora_weights = True
+            config = peft_model.peft_config["default"]
+            init, config.init_lora_weights = config.init_lora_weights, True
             peft_model.save_pretrained(initial)
-            peft_model.peft_config["default"].init_lora_weights = "pissa_niter_16"
+            config.init_lora_weights = init
         return peft_model
 
+    def build(self, model: nn.Module, cfg: TrainConfig, data: InitData) -> nn.Module:
+        """Wrap `model` with the initialised adapter (data-driven inits override this)."""
+        return super().prepare(model, cfg, Path(), data)
+
     def save(self, model: nn.Module, out: Path, workdir: Path) -> None:
-        model.save_pretrained(out, path_initial_model_for_weight_conversion=str(workdir / "pissa_init"))
+        model.save_pretrained(out, path_initial_model_for_weight_conversion=str(workdir / self.initial))
 
 
 def _ia3(cfg: TrainConfig) -> PeftConfig:
@@ -87,15 +92,24 @@ class IA3Method(PeftMethod):
 
 
 class FullMethod(TrainingMethod):
-    """Full fine-tuning baseline: every weight trains; the expert is a whole model folder."""
+    """Full fine-tuning baseline: every weight trains; the expert is a whole model folder.
+
+    Partial fine-tuning methods subclass it and override `trainable`.
+    """
 
     name = "full"
     kind = "full"
     default_lr = 2e-5
 
-    def prepare(self, model: nn.Module, cfg: TrainConfig, workdir: Path) -> nn.Module:
-        model.requires_grad_(True)
+    def prepare(self, model: nn.Module, cfg: TrainConfig, workdir: Path, data: InitData) -> nn.Module:
+        frozen = self.frozen(model, cfg)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name not in frozen)
         return model
+
+    def frozen(self, model: nn.Module, cfg: TrainConfig) -> set[str]:
+        """Names of the parameters that stay fixed (none: every weight trains)."""
+        return set()
 
     def save(self, model: nn.Module, out: Path, workdir: Path) -> None:
         model.save_pretrained(out)
@@ -107,6 +121,7 @@ class FullMethod(TrainingMethod):
 register(PeftMethod("lora", _lora))
 register(PeftMethod("dora", lambda cfg: _lora(cfg, use_dora=True)))
 register(PeftMethod("rslora", lambda cfg: _lora(cfg, use_rslora=True)))
-register(PissaMethod())
+register(ResidualInitMethod("pissa", lambda cfg: _lora(cfg, init_lora_weights="pissa_niter_16")))
+register(ResidualInitMethod("olora", lambda cfg: _lora(cfg, init_lora_weights="olora")))
 register(IA3Method())
 register(FullMethod())
