@@ -29,3 +29,11 @@ def test_constant_scores_have_zero_width_and_seed_is_deterministic():
 def test_summarise_reports_n():
     assert summarise([1.0, 0.0, 1.0, 1.0])["n"] == 4
     assert math.isnan(summarise([])["mean"])
+
+
+def test_stratified_interval_of_macro_mean():
+    from moerge.eval.stats import stratified_ci
+
+    low, high = stratified_ci([[1.0] * 10, [0.0, 1.0] * 50])
+    assert low < 0.75 < high  # macro mean = (1.0 + 0.5) / 2
+    assert stratified_ci([[1.0] * 5, [0.0] * 5]) == (0.5, 0.5)

@@ -8,10 +8,13 @@ import typer
 
 
 def demo(
-    recipe: Path | None = typer.Option(None, "--recipe", help="demo recipe YAML (default: the packaged one)"),
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="where experts and results go"),
+    recipe: Path | None = typer.Option(None, "--recipe", help="compare recipe YAML (default: the packaged one)"),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="where the library, caches and reports go"),
 ) -> None:
-    """Train one LoRA expert per real task on SmolLM2-135M-Instruct and compare each with the base."""
+    """Compare base, oracle experts, multitask, merges and routers on SmolLM2-135M-Instruct and real tasks.
+
+    First run trains the experts (kept in a library under --out); reruns reuse experts and scores.
+    """
     from moerge.recipes.demo import run_demo
 
     run_demo(recipe, out)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from moerge.data.prompts import answer_ids, prompt_ids
 from moerge.data.task import Example, Task
 from moerge.progress import progress_bar
+
+BatchContext = Callable[[int], AbstractContextManager]
 
 if TYPE_CHECKING:
     import torch
@@ -24,22 +28,38 @@ def evaluate_task(
     batch_size: int = 16,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    batch_context: BatchContext | None = None,
 ) -> dict[str, Any]:
-    """Accuracy (mean score) on `split`, with the number of examples and how it was scored."""
+    """Accuracy (mean score) on `split`, with the number of examples and how it was scored.
+
+    `batch_context(n)` wraps every model call on n examples (routers that need task labels use it).
+    """
     examples = task.split(split)[:limit] if limit else task.split(split)
     if not examples:
         return {"accuracy": None, "n": 0, "mode": "none"}
     show = progress and sys.stderr.isatty()
     if task.is_multiple_choice:
-        scores = rank_classify(model, tokenizer, examples, batch_size=batch_size, progress=show)
+        scores = rank_classify(
+            model, tokenizer, examples, batch_size=batch_size, progress=show, batch_context=batch_context
+        )
         mode = "rank_classification"
     else:
         predictions = generate_answers(
-            model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=show
+            model,
+            tokenizer,
+            examples,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=show,
+            batch_context=batch_context,
         )
         scores = [task.scorer(p, ex) for p, ex in zip(predictions, examples, strict=True)]
         mode = "generation"
     return {"accuracy": sum(scores) / len(scores), "n": len(scores), "mode": mode, "scores": scores}
+
+
+def _context(batch_context: BatchContext | None, n: int) -> AbstractContextManager:
+    return batch_context(n) if batch_context else nullcontext()
 
 
 def _device(model: PreTrainedModel) -> torch.device:
@@ -47,8 +67,13 @@ def _device(model: PreTrainedModel) -> torch.device:
 
 
 def choice_logprobs(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example], *, batch_size: int = 16,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    *,
+    batch_size: int = 16,
     progress: bool = False,
+    batch_context: BatchContext | None = None,
 ) -> list[list[float]]:
     """log p(choice | prompt) summed over the choice's tokens, for every choice of every example.
 
@@ -62,7 +87,8 @@ def choice_logprobs(
         job = bar.add_task("eval", total=len(examples), info="rank classification")
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            out.extend(_chunk_choice_logprobs(model, tokenizer, chunk))
+            with _context(batch_context, len(chunk)):
+                out.extend(_chunk_choice_logprobs(model, tokenizer, chunk))
             bar.update(job, advance=len(chunk))
     return out
 
@@ -89,8 +115,9 @@ def _chunk_choice_logprobs(model, tokenizer, chunk: list[Example]) -> list[list[
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     with torch.no_grad():
-        prefill = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True)
+        prefill = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
     first = torch.log_softmax(prefill.logits[:, -1].float(), dim=-1)
     cache, lengths = prefill.past_key_values, mask.sum(-1, keepdim=True)
     choices = [[answer_ids(tokenizer, ex, c) for c in ex.choices or ()] for ex in chunk]
@@ -107,9 +134,13 @@ def _chunk_choice_logprobs(model, tokenizer, chunk: list[Example]) -> list[list[
                 cids[i, : len(t)] = torch.tensor(t, device=device)
                 cmask[i, : len(t)] = 1
             with torch.no_grad():
-                cont = model(input_ids=cids, attention_mask=torch.cat([mask, cmask], dim=1),
-                             position_ids=lengths + torch.arange(longest, device=device), past_key_values=cache,
-                             use_cache=True)
+                cont = model(
+                    input_ids=cids,
+                    attention_mask=torch.cat([mask, cmask], dim=1),
+                    position_ids=lengths + torch.arange(longest, device=device),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
             logprobs = torch.log_softmax(cont.logits[:, :-1].float(), dim=-1)
             picked = logprobs.gather(2, cids[:, 1:, None]).squeeze(2) * cmask[:, 1:]
             total = total + picked.sum(1)
@@ -120,18 +151,35 @@ def _chunk_choice_logprobs(model, tokenizer, chunk: list[Example]) -> list[list[
     return scores
 
 
-def rank_classify(model, tokenizer, examples: list[Example], *, batch_size: int, progress: bool) -> list[float]:
+def rank_classify(
+    model,
+    tokenizer,
+    examples: list[Example],
+    *,
+    batch_size: int,
+    progress: bool,
+    batch_context: BatchContext | None = None,
+) -> list[float]:
     """1.0 where the highest-likelihood choice is the target, for each example."""
     result = []
-    for ex, scores in zip(examples, choice_logprobs(model, tokenizer, examples, batch_size=batch_size,
-                                                    progress=progress), strict=True):
+    all_scores = choice_logprobs(
+        model, tokenizer, examples, batch_size=batch_size, progress=progress, batch_context=batch_context
+    )
+    for ex, scores in zip(examples, all_scores, strict=True):
         choices = list(ex.choices or ())
         result.append(float(choices[scores.index(max(scores))] == ex.target))
     return result
 
 
 def generate_answers(
-    model, tokenizer, examples: list[Example], *, batch_size: int, max_new_tokens: int | None, progress: bool
+    model,
+    tokenizer,
+    examples: list[Example],
+    *,
+    batch_size: int,
+    max_new_tokens: int | None,
+    progress: bool,
+    batch_context: BatchContext | None = None,
 ) -> list[str]:
     """Greedy answers, left-padded batches; stops at the end-of-turn token."""
     import torch
@@ -147,7 +195,7 @@ def generate_answers(
             chunk = [prompt_ids(tokenizer, ex) for ex in examples[start : start + batch_size]]
             ids, mask = _left_pad(chunk, tokenizer.pad_token_id)
             width = ids.shape[1]
-            with torch.no_grad():
+            with torch.no_grad(), _context(batch_context, len(chunk)):
                 out = model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),

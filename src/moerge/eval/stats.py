@@ -26,3 +26,18 @@ def summarise(scores: Sequence[float], *, seed: int = 0) -> dict[str, float | in
     low, high = bootstrap_ci(scores, seed=seed)
     n = len(scores)
     return {"mean": sum(scores) / n if n else float("nan"), "n": n, "ci_low": low, "ci_high": high}
+
+
+def stratified_ci(
+    groups: Sequence[Sequence[float]], *, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Interval of the macro mean (mean of group means), resampling within each group."""
+    groups = [g for g in groups if len(g)]
+    if not groups:
+        return (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    means = sorted(
+        sum(sum(g[rng.randrange(len(g))] for _ in g) / len(g) for g in groups) / len(groups) for _ in range(resamples)
+    )
+    tail = (1 - level) / 2
+    return (means[int(tail * (resamples - 1))], means[int((1 - tail) * (resamples - 1))])

@@ -58,14 +58,17 @@ def train_library(recipe: LibraryRecipe, *, progress: bool = True) -> dict[str, 
     configs = [(entry.expert_name, entry_config(recipe, entry)) for entry in recipe.tasks]
     outcome: dict[str, str] = {}
     for i, (name, cfg) in enumerate(configs, start=1):
-        if is_up_to_date(library, name, cfg):
-            console.print(f"[{i}/{len(configs)}] {name}: up to date in the library, reused")
-            outcome[name] = "reused"
-            continue
-        console.print(f"[{i}/{len(configs)}] {name}: training {cfg.method} on {cfg.task}")
-        stage = staging_dir(library, name)
-        train_expert(cfg, stage, resume=True, overwrite=True, progress=progress)
-        library.add(stage, name=name, overwrite=True)
-        shutil.rmtree(stage, ignore_errors=True)
-        outcome[name] = "trained"
+        console.print(f"[{i}/{len(configs)}] {name}: {cfg.method} on {cfg.task}")
+        outcome[name] = ensure_expert(library, name, cfg, progress=progress)
     return outcome
+
+
+def ensure_expert(library: ExpertLibrary, name: str, cfg: TrainConfig, *, progress: bool = True) -> str:
+    """Train `cfg` into `library` as `name` unless it is there with the same settings: 'trained'/'reused'."""
+    if is_up_to_date(library, name, cfg):
+        return "reused"
+    stage = staging_dir(library, name)
+    train_expert(cfg, stage, resume=True, overwrite=True, progress=progress)
+    library.add(stage, name=name, overwrite=True)
+    shutil.rmtree(stage, ignore_errors=True)
+    return "trained"

@@ -111,7 +111,9 @@ def train_expert(
         from moerge.train.stages import train_recipe
 
         recipe = Recipe(base=cfg.base, name=cfg.name, stages=[cfg])
-        return train_recipe(recipe, out, resume=resume, restart=restart, overwrite=overwrite, progress=progress)
+        return train_recipe(
+            recipe, out, resume=resume, restart=restart, overwrite=overwrite, progress=progress, device=device
+        )
     get_method(cfg.method)  # unknown methods fail before anything loads
     claim_output(
         out, resume=resume, restart=restart, overwrite=overwrite, started=has_checkpoint(checkpoint_dir_for(out))

@@ -68,7 +68,8 @@ def plan(recipe: Recipe) -> list[Unit]:
     hashes: dict[str | None, str] = {None: hashlib.sha256(recipe.base.encode()).hexdigest()[:16]}
 
     def add(key: str, part: str, cfg: TrainConfig, role: Role, parent: str | None, start: Any, **kw: Any) -> str:
-        chain = hashlib.sha256(json.dumps([hashes[parent], role, start, cfg.fingerprint()]).encode()).hexdigest()[:16]
+        inputs = [hashes[parent], hashes.get(kw.get("pseudo_from")), role, start, cfg.fingerprint()]
+        chain = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
         hashes[key] = chain
         kind = f"self_train:{part}" if part else cfg.type
         units.append(Unit(key, str(cfg.name), kind, cfg, role, parent, start, chain, **kw))
@@ -81,10 +82,14 @@ def plan(recipe: Recipe) -> list[Unit]:
         if cfg.type != "self_train":
             previous = add(key, "", cfg, "train", previous, cfg.start)
             continue
-        labelled = cfg.model_copy(update={"type": "finetune"})
+        labelled = cfg.model_copy(
+            update={"type": "finetune", "unlabelled": None, "confidence": 0.0, "pseudo_steps": None}
+        )
         teacher = add(f"{key}.1-teacher", "teacher", labelled, "train", previous, cfg.start)
         pseudo = add(f"{key}.2-pseudo", "pseudo_label", cfg, "pseudo_label", teacher, "continue")
-        student_cfg = labelled.model_copy(update={"steps": cfg.pseudo_steps})
+        student_cfg = labelled.model_copy(
+            update={"steps": cfg.pseudo_steps}
+        )  # pseudo labels' hash joins via pseudo_from
         student = add(
             f"{key}.3-student", "student", student_cfg, "pseudo_train", previous, cfg.start, pseudo_from=pseudo
         )

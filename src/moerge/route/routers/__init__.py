@@ -111,6 +111,7 @@ class Router(nn.Module):
         self.options = options
         self.state = nn.ParameterDict()
         self.env: RouterEnv | None = None
+        self._missing: dict[str, torch.Tensor | None] = {}
 
     @property
     def num_experts(self) -> int:
@@ -133,6 +134,22 @@ class Router(nn.Module):
 
     def set_tensor(self, key: str, value: torch.Tensor, *, trainable: bool = False) -> None:
         self.state[key] = nn.Parameter(value.detach().clone(), requires_grad=trainable)
+        self._missing.clear()
+
+    def set_present(self, module: str, present: torch.Tensor) -> None:
+        """Record which experts adapt `module` (token routers mask the others with `mask_missing`)."""
+        self.set_tensor(module_key(module) + "#present", present.clone())
+
+    def mask_missing(self, module: str, scores: torch.Tensor) -> torch.Tensor:
+        """-inf for experts that do not adapt `module`: they would take top-k slots and do nothing.
+
+        The mask is cached per module (None when all experts are present): this runs per layer and token.
+        """
+        if module not in self._missing:
+            missing = ~self.state[module_key(module) + "#present"].bool()
+            self._missing[module] = missing if bool(missing.any()) else None
+        missing = self._missing[module]
+        return scores if missing is None else scores.masked_fill(missing, float("-inf"))
 
     def tensor(self, key: str) -> torch.Tensor:
         return self.state[key]

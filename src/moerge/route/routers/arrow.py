@@ -45,9 +45,9 @@ class ArrowRouter(Router):
                 if name in tensors:
                     protos[k] = tensors[name]
             self.set_tensor(module_key(name), protos)
-            self.set_tensor(module_key(name) + "#present", layer.present.clone())
+            self.set_present(name, layer.present)
 
     def token_scores(self, module: str, x: torch.Tensor) -> torch.Tensor:
         key = module_key(module)
         scores = (x.float() @ self.state[key].T).abs()
-        return scores.masked_fill(~self.state[key + "#present"].bool(), float("-inf"))
+        return self.mask_missing(module, scores)

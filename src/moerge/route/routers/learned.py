@@ -31,7 +31,7 @@ class LearnedRouter(Router):
         torch.manual_seed(int(self.options.get("seed", 0)))
         for name, layer in env.handle.layers.items():
             self.set_tensor(module_key(name), torch.randn(layer.num_experts, layer.A.shape[-1]) * 0.01, trainable=True)
-            self.set_tensor(module_key(name) + "#present", layer.present.clone())
+            self.set_present(name, layer.present)
         policy = Policy("top_k", k=int(self.options.get("k", 2)))
         aux: list[torch.Tensor] = []
 
@@ -56,4 +56,4 @@ class LearnedRouter(Router):
     def token_scores(self, module: str, x: torch.Tensor) -> torch.Tensor:
         key = module_key(module)
         scores = x.to(self.state[key].dtype) @ self.state[key].T
-        return scores.masked_fill(~self.state[key + "#present"].bool(), float("-inf"))
+        return self.mask_missing(module, scores)

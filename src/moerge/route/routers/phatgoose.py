@@ -56,11 +56,9 @@ class PhatgooseRouter(Router):
             for k, tensors in enumerate(per_expert):
                 if name in tensors:
                     gates[k] = tensors[name]
-            self.set_tensor(module_key(name), gates)
-            self.set_tensor(module_key(name) + "#present", layer.present.clone())
+            # Stored standardised and scaled by 1/√d, ready for the per-token dot product.
+            self.set_tensor(module_key(name), standardise(gates) / math.sqrt(gates.shape[-1]))
+            self.set_present(name, layer.present)
 
     def token_scores(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        key = module_key(module)
-        gates = self.state[key]
-        scores = standardise(x.float()) @ standardise(gates).T / math.sqrt(gates.shape[-1])
-        return scores.masked_fill(~self.state[key + "#present"].bool(), float("-inf"))
+        return self.mask_missing(module, standardise(x.float()) @ self.state[module_key(module)].T)

@@ -1,0 +1,48 @@
+"""`moerge compare`: held-in, held-out, forgetting and cost of every strategy in one table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def compare(
+    recipe: Path | None = typer.Argument(None, help="compare recipe YAML (default: the packaged demo recipe)"),
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="folder for results, caches and reports"),
+    json_out: bool = typer.Option(False, "--json", help="print results.json's rows instead of the table"),
+) -> None:
+    """Train or reuse the experts, then score base / oracle / multitask / merges / routers side by side.
+
+    Writes results.json, results.csv, report.md and report.html (self-contained) into --out. Scores are
+    cached by content: rerunning reuses them, a killed run resumes, a changed expert is re-scored.
+    """
+    from moerge.eval.compare import run_compare
+    from moerge.eval.protocol import load_compare_recipe
+    from moerge.recipes.demo import packaged_recipe
+
+    loaded = load_compare_recipe(recipe) if recipe else packaged_recipe(out)
+    results = run_compare(loaded, out)
+    if json_out:
+        print(json.dumps(results["rows"], indent=2, default=str))
+        return
+    console.print(results_table(results))
+    console.print(f"report: {(out / 'report.html').resolve()}")
+
+
+def results_table(results: dict) -> Table:
+    from moerge.eval.report import COLUMNS, fmt
+
+    table = Table(*[label for _, label in COLUMNS], title="moerge compare (95% intervals in brackets)")
+    for row in results["rows"]:
+        table.add_row(*[fmt(key, row.get(key)) for key, _ in COLUMNS])
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare")(compare)

@@ -1,0 +1,100 @@
+"""The comparison protocol on a tiny model: every strategy kind, caching, no leakage, reports."""
+
+import json
+
+import pytest
+import yaml
+from helpers import addition_rows, parity_rows, write_task
+
+from moerge.errors import MoergeError
+from moerge.eval.compare import run_compare
+from moerge.eval.protocol import load_compare_recipe
+
+
+def _recipe(tmp_path, tiny_base, strategies, **extra) -> dict:
+    parity = write_task(tmp_path / "parity.jsonl", parity_rows(40))
+    colours = write_task(tmp_path / "colour.jsonl", [
+        {"input": f"Colour of item {i}?", "target": ["red", "blue"][i % 2], "choices": ["red", "blue"]}
+        for i in range(40)])
+    unseen = write_task(tmp_path / "unseen.jsonl", [
+        {"input": f"Is {i} odd?", "target": "yes" if i % 2 else "no", "choices": ["yes", "no"]} for i in range(30)])
+    probe = write_task(tmp_path / "probe.jsonl", addition_rows(30))
+    return {
+        "base": str(tiny_base), "library": str(tmp_path / "lib"), "method": "lora",
+        "hyperparameters": {"rank": 2, "steps": 3, "batch_size": 4, "max_length": 48, "lr": 0.01,
+                            "eval_split": None},
+        "held_in": [{"task": parity, "name": "parity"}, {"task": colours, "name": "colour"}],
+        "held_out": [{"task": unseen, "name": "unseen"}],
+        "forgetting": {"probe": probe, "task": unseen, "limit": 6},
+        "eval_limit": 6, "explain_limit": 3, "strategies": strategies, **extra,
+    }
+
+
+def _load(tmp_path, raw):
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_compare_recipe(path)
+
+
+def test_every_strategy_kind_runs_and_reports(tmp_path, tiny_base):
+    strategies = ["base", "oracle", "multitask", "ties", {"name": "soup", "kind": "merge", "method": "linear"},
+                  {"name": "arrow", "kind": "router", "router": "arrow", "policy": {"name": "top_k", "k": 1}},
+                  "uniform"]
+    recipe = _load(tmp_path, _recipe(tmp_path, tiny_base, strategies))
+    out = tmp_path / "out"
+    results = run_compare(recipe, out, progress=False)
+    rows = {r["strategy"]: r for r in results["rows"]}
+    assert set(rows) == {"base", "oracle", "multitask", "ties", "soup", "arrow", "uniform"}
+    assert rows["oracle"]["held_out"] is None and "unseen" not in rows["oracle"]["per_task"]
+    for name, row in rows.items():
+        assert row["held_in"]["n"] == 12, name
+        assert row["held_in"]["ci_low"] <= row["held_in"]["mean"] <= row["held_in"]["ci_high"]
+    assert rows["base"]["forgetting_loss"] == 0 and rows["base"]["added_params"] == 0
+    assert rows["oracle"]["added_params"] > 0
+    assert 0 <= rows["arrow"]["routing_accuracy"] <= 1
+    assert set(rows["arrow"]["routing"]) == {"parity", "colour", "unseen"}
+    for file in ("results.json", "results.csv", "report.md", "report.html"):
+        assert (out / file).is_file()
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 + 2  # scatter, bars, one heatmap per router
+    assert "http://" not in html and "https://" not in html
+
+
+def test_rerun_reuses_cache_and_changed_expert_invalidates(tmp_path, tiny_base, monkeypatch):
+    import moerge.eval.compare as compare
+
+    recipe = _load(tmp_path, _recipe(tmp_path, tiny_base, ["base", "oracle"]))
+    out = tmp_path / "out"
+    first = run_compare(recipe, out, progress=False)
+    calls = []
+    real = compare._score_task
+    monkeypatch.setattr(compare, "_score_task", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    assert run_compare(recipe, out, progress=False)["rows"] == first["rows"]
+    assert calls == []  # everything came from the cache
+    # Retrain one expert with other settings: only what depends on it is scored again.
+    raw = _recipe(tmp_path, tiny_base, ["base", "oracle"])
+    raw["held_in"][0]["overrides"] = {"lr": 0.02}
+    run_compare(_load(tmp_path, raw), out, progress=False)
+    assert calls == ["parity"]
+
+
+def test_held_out_tasks_never_train(tmp_path, tiny_base):
+    raw = _recipe(tmp_path, tiny_base, ["base", "multitask"])
+    recipe = _load(tmp_path, raw)
+    run_compare(recipe, tmp_path / "out", progress=False)
+    from moerge.library import ExpertLibrary
+
+    library = ExpertLibrary(raw["library"])
+    unseen = raw["held_out"][0]["task"]
+    for name in library.names():
+        meta = library.meta(name)
+        sources = json.dumps(meta.model_dump(mode="json"))
+        assert unseen not in sources, name
+    leaked = dict(raw, held_out=[raw["held_in"][0]])
+    with pytest.raises(MoergeError, match="also held-in"):
+        _load(tmp_path, leaked)
+
+
+def test_unknown_strategy_is_one_clear_error(tmp_path, tiny_base):
+    with pytest.raises(MoergeError, match="unknown strategy 'tiez'"):
+        _load(tmp_path, _recipe(tmp_path, tiny_base, ["tiez"]))
