@@ -4,8 +4,8 @@ import json
 
 import pytest
 import yaml
-from helpers import addition_rows, parity_rows, write_task
 
+from helpers import addition_rows, parity_rows, write_task
 from moerge.errors import MoergeError
 from moerge.eval.compare import run_compare
 from moerge.eval.protocol import load_compare_recipe

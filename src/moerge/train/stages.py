@@ -87,9 +87,8 @@ def plan(recipe: Recipe) -> list[Unit]:
         )
         teacher = add(f"{key}.1-teacher", "teacher", labelled, "train", previous, cfg.start)
         pseudo = add(f"{key}.2-pseudo", "pseudo_label", cfg, "pseudo_label", teacher, "continue")
-        student_cfg = labelled.model_copy(
-            update={"steps": cfg.pseudo_steps}
-        )  # pseudo labels' hash joins via pseudo_from
+        # The pseudo labels' own settings enter the student's hash through `pseudo_from`.
+        student_cfg = labelled.model_copy(update={"steps": cfg.pseudo_steps})
         student = add(
             f"{key}.3-student", "student", student_cfg, "pseudo_train", previous, cfg.start, pseudo_from=pseudo
         )
