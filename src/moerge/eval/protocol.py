@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from moerge.errors import MoergeError
 from moerge.library.recipe import TaskEntry
+from moerge.yamlconf import read_yaml_mapping, validation_error
 
 StrategyKind = Literal["base", "oracle", "multitask", "merge", "router"]
 
@@ -109,21 +108,13 @@ def expand_strategy(name: str) -> dict[str, Any]:
 
 
 def load_compare_recipe(path: Path) -> CompareRecipe:
-    """Read a compare recipe; the library path is relative to the recipe file."""
+    """Read a compare recipe; errors name file, line and field; `library` is relative to the file."""
     path = Path(path)
-    if not path.is_file():
-        raise MoergeError(f"{path}: recipe not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise MoergeError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML") from None
+    raw, root = read_yaml_mapping(path, "compare recipe")
     try:
         recipe = CompareRecipe.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "recipe"
-        raise MoergeError(f"{path}: field {where!r}: {err['msg']}") from None
+        raise validation_error(path, root, exc) from None
     if "://" not in recipe.library and not Path(recipe.library).is_absolute():
         recipe = recipe.model_copy(update={"library": str((path.parent / recipe.library).resolve())})
     return recipe

@@ -17,10 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moerge.errors import MoergeError
+from moerge.yamlconf import read_yaml_mapping, validation_error
 
 
 class ExpertRef(BaseModel):
@@ -122,46 +122,10 @@ def load_merge_spec(config: Path | None, flags: dict[str, Any]) -> MergeSpec:
     raw: dict[str, Any] = {}
     root = None
     if config is not None:
-        raw, root = _read_yaml(Path(config))
+        raw, root = read_yaml_mapping(Path(config), "merge config")
     raw = apply_overrides(raw, flags)
     try:
         return MergeSpec.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = list(err["loc"])
-        where = _line_of(root, loc)
-        prefix = f"{config}:{where}: " if where else (f"{config}: " if config else "")
-        field = ".".join(str(p) for p in loc) or "config"
-        raise MoergeError(f"{prefix}{field}: {err['msg']}") from None
+        raise validation_error(config, root, exc) from None
 
-
-def _read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
-    if not path.is_file():
-        raise MoergeError(f"{path}: merge config not found")
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise MoergeError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(raw, dict):
-        raise MoergeError(f"{path}: expected a mapping with method, experts, parameters, output")
-    return raw, root
-
-
-def _line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:
-    """1-based line of the deepest YAML node on the path `loc` (pydantic's error location)."""
-    line = None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == part), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-        else:
-            break
-        if node is None:
-            break
-        line = node.start_mark.line + 1
-    return line
