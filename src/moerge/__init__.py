@@ -1,6 +1,7 @@
 """moerge: train, keep, merge, route and compare fine-tuned experts on one base model."""
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("moerge")
@@ -9,4 +10,12 @@ except PackageNotFoundError:  # running from a source tree without install
 
 from moerge.errors import MoergeError
 
-__all__ = ["MoergeError", "__version__"]
+
+def load_routed(base: Any, router: Any, **kwargs: Any) -> Any:
+    """A transformers model with a router's experts attached: `moerge.load_routed(base, router)`."""
+    from moerge.route import load_routed as _load_routed
+
+    return _load_routed(base, router, **kwargs)
+
+
+__all__ = ["MoergeError", "__version__", "load_routed"]

@@ -16,11 +16,13 @@ console = Console()
 def _load(base: str, adapter: Path | None, router: Path | None):
     if adapter is not None and router is not None:
         raise MoergeError("give --adapter or --router, not both")
+    from moerge.models.experts import load_model
+
     if router is not None:
         from moerge.route import load_routed
 
-        return load_routed(base, router)
-    from moerge.models.experts import load_model
+        model, tokenizer = load_model(base)
+        return load_routed(model, router, tokenizer=tokenizer), tokenizer
 
     return load_model(base, adapter)
 

@@ -203,13 +203,8 @@ def load_strategy_model(ws: Workspace, strategy: Strategy, task: str | None = No
         return load_model(ws.base_path, _merged_expert(ws, strategy))
     from moerge.route import load_routed
 
-    model = load_routed(ws.base_path, _router_folder(ws, strategy))
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(ws.base_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    model, tokenizer = load_base(ws.base_path)
+    return load_routed(model, _router_folder(ws, strategy), tokenizer=tokenizer), tokenizer
 
 
 def count_params(model: Any, strategy: Strategy) -> dict[str, int]:
