@@ -93,7 +93,7 @@ def use_exact_prototypes(models: dict[str, torch.nn.Module]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--base", type=Path, default=Path("/tmp/dl/smol_st"))
+    parser.add_argument("--base", type=Path, required=True, help="base model folder (safetensors)")
     parser.add_argument("--experts", help="comma-separated LoRA folders (default: 8 random r=8 experts)")
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)

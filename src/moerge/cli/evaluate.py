@@ -24,7 +24,7 @@ def _load(base: str, adapter: Path | None, router: Path | None):
         model, tokenizer = load_model(base)
         return load_routed(model, router, tokenizer=tokenizer), tokenizer
 
-    return load_model(base, adapter)
+    return load_model(base, adapter, merge=True)
 
 
 def eval_command(

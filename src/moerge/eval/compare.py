@@ -188,33 +188,37 @@ def _router_folder(ws: Workspace, strategy: Strategy) -> Path:
     return folder
 
 
-def load_strategy_model(ws: Workspace, strategy: Strategy, task: str | None = None):
-    """The (model, tokenizer) a strategy evaluates with; the oracle needs the task it is scoring."""
+def load_strategy_model(ws: Workspace, strategy: Strategy, task: str | None = None) -> tuple[Any, Any, dict]:
+    """(model, tokenizer, parameter counts) a strategy evaluates with; the oracle needs its task.
+
+    Single adapters are merged into the weights for evaluation (same function, base-model speed);
+    their size is read from the adapter file.
+    """
     from moerge.models import load_base
     from moerge.models.experts import load_model
 
     if strategy.kind == "base":
-        return load_base(ws.base_path)
-    if strategy.kind == "oracle":
-        return load_model(ws.base_path, ws.experts[task]) if task in ws.experts else (None, None)
-    if strategy.kind == "multitask":
-        return load_model(ws.base_path, _multitask_expert(ws, strategy))
-    if strategy.kind == "merge":
-        return load_model(ws.base_path, _merged_expert(ws, strategy))
-    from moerge.route import load_routed
+        return (*load_base(ws.base_path), {"added_params": 0, "active_params": 0})
+    if strategy.kind == "router":
+        from moerge.route import load_routed
 
-    model, tokenizer = load_base(ws.base_path)
-    return load_routed(model, _router_folder(ws, strategy), tokenizer=tokenizer), tokenizer
+        model, tokenizer = load_base(ws.base_path)
+        model = load_routed(model, _router_folder(ws, strategy), tokenizer=tokenizer)
+        return model, tokenizer, routed_params(model)
+    folder = {
+        "oracle": lambda: ws.experts[task],
+        "multitask": lambda: _multitask_expert(ws, strategy),
+        "merge": lambda: _merged_expert(ws, strategy),
+    }[strategy.kind]()
+    from moerge.library.peft_import import count_parameters
+
+    size = count_parameters(folder / "adapter_model.safetensors")
+    return (*load_model(ws.base_path, folder, merge=True), {"added_params": size, "active_params": size})
 
 
-def count_params(model: Any, strategy: Strategy) -> dict[str, int]:
-    """Parameters added to the base (held in memory) and active per token."""
-    if model is None or strategy.kind == "base":
-        return {"added_params": 0, "active_params": 0}
-    adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "ia3_" in n)
-    handle = getattr(model, "moerge_routing", None)
-    if handle is None:
-        return {"added_params": adapter, "active_params": adapter}
+def routed_params(model: Any) -> dict[str, int]:
+    """Expert parameters held by the stacked layers, and the share a token uses under the policy."""
+    handle = model.moerge_routing
     stacked = sum(int(layer.A.numel() + layer.B.numel()) for layer in handle.layers.values())
     policy = handle.routing.policy
     k = len(handle.expert_names) if policy.name == "dense" else min(policy.k, len(handle.expert_names))
@@ -229,12 +233,17 @@ class LazyModel:
 
     def __init__(self, ws: Workspace, strategy: Strategy, task: str | None = None):
         self.ws, self.strategy, self.task = ws, strategy, task
-        self.loaded: tuple[Any, Any] | None = None
+        self.loaded: tuple[Any, Any, dict] | None = None
 
     def get(self) -> tuple[Any, Any]:
         if self.loaded is None:
             self.loaded = load_strategy_model(self.ws, self.strategy, self.task)
-        return self.loaded
+        return self.loaded[0], self.loaded[1]
+
+    @property
+    def params(self) -> dict[str, int]:
+        self.get()
+        return self.loaded[2]
 
 
 def _score_task(lazy: LazyModel, task: Task, name: str, limit: int | None) -> dict[str, Any]:
@@ -253,7 +262,7 @@ def _score_task(lazy: LazyModel, task: Task, name: str, limit: int | None) -> di
             batch_context=lambda n: routing_context(task_ids=[name] * n),
         )
         seconds = time.perf_counter() - started
-    return {**result, "seconds": seconds, **memory, **count_params(model, lazy.strategy)}
+    return {**result, "seconds": seconds, **memory, **lazy.params}
 
 
 def _score_forgetting(lazy: LazyModel, ws: Workspace) -> dict[str, Any]:

@@ -14,9 +14,13 @@ if TYPE_CHECKING:
 
 
 def load_model(
-    base: str | Path, adapter: str | Path | None = None, *, device: str | None = None
+    base: str | Path, adapter: str | Path | None = None, *, device: str | None = None, merge: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base alone, or with the expert at `adapter` (a moerge expert or any peft adapter folder)."""
+    """The base alone, or with the expert at `adapter` (a moerge expert or any peft adapter folder).
+
+    `merge=True` folds the adapter into the weights (peft's `merge_and_unload`): the same function,
+    but inference runs at the base model's speed instead of paying for ~200 LoRA side paths.
+    """
     if adapter is None:
         return load_base(base, device=device)
     folder = Path(adapter)
@@ -30,7 +34,8 @@ def load_model(
     model, tokenizer = load_base(base, device=device)
     if meta is not None:
         _check_base(meta.base.fingerprint, fingerprint(model), folder, base)
-    return _attach_adapter(model, folder), tokenizer
+    peft_model = _attach_adapter(model, folder)
+    return (peft_model.merge_and_unload() if merge else peft_model), tokenizer
 
 
 def _check_base(expected: str, actual: str, folder: Path, base: str | Path) -> None:
