@@ -98,6 +98,7 @@ def main() -> None:
     model, tok = load_base(base)
     base_probe = probe_loss(model, tok)
     base_score = evaluate_task(model, tok, load_task(labelled), split="test", progress=False)["accuracy"]
+    print(json.dumps({"base": {"score": base_score, "probe_loss": round(base_probe, 4)}}), flush=True)
     del model
     common = {
         "steps": args.steps,
