@@ -42,7 +42,3 @@ def results_table(results: dict) -> Table:
     for row in results["rows"]:
         table.add_row(*[fmt(key, row.get(key)) for key, _ in COLUMNS])
     return table
-
-
-def register(app: typer.Typer) -> None:
-    app.command("compare")(compare)

@@ -24,22 +24,17 @@ err_console = Console(stderr=True)
 
 
 def _register() -> None:
-    from moerge.cli import data, demo, evaluate, models, train
+    from moerge.cli import compare, data, demo, evaluate, library, merge, models, route, train
 
+    app.command("demo")(demo.demo)
+    app.command("compare")(compare.compare)
     app.add_typer(models.app, name="models")
     app.add_typer(data.app, name="data")
     app.command("train")(train.train)
     app.command("train-library")(train.train_library_command)
     app.command("eval")(evaluate.eval_command)
     app.command("generate")(evaluate.generate_command)
-    app.command("demo")(demo.demo)
-    for optional in ("library", "merge", "route"):
-        try:
-            module = __import__(f"moerge.cli.{optional}", fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"moerge.cli.{optional}":
-                raise
-            continue
+    for module in (library, merge, route):
         module.register(app)
 
 
