@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moerge.errors import MoergeError
+from moerge.yamlconf import read_yaml_mapping
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -138,25 +138,9 @@ class Recipe(BaseModel):
         return hashlib.sha256(json.dumps([self.base, parts]).encode()).hexdigest()[:16]
 
 
-def read_recipe_file(path: Path) -> dict[str, Any]:
-    """Parse a YAML recipe file into a mapping; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise MoergeError(f"{path}: recipe file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise MoergeError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(raw, dict):
-        raise MoergeError(f"{path}: a recipe is a mapping of settings (base, task, method, ...)")
-    return raw
-
-
 def load_recipe(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig | Recipe:
     """Read a YAML recipe; CLI options given explicitly win over the file's top-level settings."""
-    raw = read_recipe_file(path)
+    raw, _ = read_yaml_mapping(Path(path), "training recipe")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "stages" in raw:
         return recipe_from_dict(raw, source=str(path), overrides=given)
