@@ -55,6 +55,9 @@ def test_every_strategy_kind_runs_and_reports(tmp_path, tiny_base):
     assert set(rows["arrow"]["routing"]) == {"parity", "colour", "unseen"}
     for file in ("results.json", "results.csv", "report.md", "report.html"):
         assert (out / file).is_file()
+    assert set(results["experts"]) == {"parity", "colour"}
+    assert results["experts"]["parity"]["steps"] == 3 and results["experts"]["parity"]["trainable_params"] > 0
+    assert "## Experts" in (out / "report.md").read_text()
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 + 2  # scatter, bars, one heatmap per router
     assert "http://" not in html and "https://" not in html

@@ -333,6 +333,12 @@ def _forgetting_cached(ws: Workspace, strategy: Strategy, lazy: LazyModel, task:
     return _cached(ws.cache_path(strategy, f"forgetting/{task or 'all'}", depends), lambda: _score_forgetting(lazy, ws))
 
 
+def expert_cost(meta: Any) -> dict[str, Any]:
+    """What an expert cost to train, from its moerge.json."""
+    keys = ("train_time_s", "trainable_params", "peak_memory_mb", "tokens_per_s")
+    return {"method": meta.method, "steps": meta.hyperparameters.get("steps"), **{k: meta.cost.get(k) for k in keys}}
+
+
 def run_compare(recipe: CompareRecipe, out: Path, *, progress: bool = True) -> dict[str, Any]:
     """Prepare experts, evaluate every strategy, write results.json/.csv, report.md and report.html."""
     from moerge.eval.report import summarise_results, write_reports
@@ -344,6 +350,7 @@ def run_compare(recipe: CompareRecipe, out: Path, *, progress: bool = True) -> d
         console.print(f"[bold][{i}/{len(recipe.strategies)}] strategy {strategy.name}[/bold] ({strategy.kind})")
         raw.append(evaluate_strategy(ws, strategy))
     results = summarise_results(raw, held_in=list(ws.held_in), held_out=list(ws.held_out))
+    results["experts"] = {name: expert_cost(ws.library.meta(name)) for name in ws.held_in}
     results["recipe"] = recipe.model_dump()
     write_reports(results, out)
     return results

@@ -260,11 +260,51 @@ NOTES = (
 )
 
 
+def experts_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Each held-in task: base vs its own expert, and what the expert cost to train."""
+    rows = {r["kind"]: r for r in results["rows"]}
+    header = [
+        "task",
+        "n test",
+        "base acc",
+        "expert acc",
+        "Δ",
+        "method",
+        "steps",
+        "train time (s)",
+        "trainable params",
+        "peak MB",
+    ]
+    body = []
+    for name, cost in results.get("experts", {}).items():
+        base = rows.get("base", {}).get("per_task", {}).get(name)
+        own = rows.get("oracle", {}).get("per_task", {}).get(name)
+        body.append(
+            [
+                name,
+                str((own or base or {}).get("n", "—")),
+                f"{base['mean']:.3f}" if base else "—",
+                f"{own['mean']:.3f}" if own else "—",
+                f"{own['mean'] - base['mean']:+.3f}" if base and own else "—",
+                str(cost.get("method")),
+                str(cost.get("steps")),
+                f"{cost.get('train_time_s') or 0:.0f}",
+                f"{cost.get('trainable_params') or 0:,}",
+                f"{cost.get('peak_memory_mb') or 0:.0f}",
+            ]
+        )
+    return header, body
+
+
 def render_markdown(results: dict[str, Any], plots: dict[str, bytes]) -> str:
     images = "\n".join(f"![{name}](plots/{name}.png)" for name in plots)
+    header, body = experts_rows(results)
+    experts = "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(row) + " |" for row in body]]
+    )
     return (
         f"# moerge compare\n\n{markdown_table(results)}\n\n{NOTES}\n\n## Per task\n\n{per_task_table(results)}"
-        f"\n\n## Plots\n\n{images}\n"
+        f"\n\n## Experts\n\n{experts}\n\n## Plots\n\n{images}\n"
     )
 
 
@@ -288,6 +328,7 @@ def render_html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
         ],
         "per-task",
     )
+    experts = table(*experts_rows(results), "experts")
     images = "".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         f"<figcaption>{html.escape(name)}</figcaption></figure>"
@@ -301,5 +342,5 @@ def render_html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>moerge compare</title><style>{style}</style>"
         f"</head><body><h1>moerge compare</h1>{main}<p>{html.escape(NOTES)}</p><h2>Per task</h2>{per_task}"
-        f"<h2>Plots</h2>{images}</body></html>"
+        f"<h2>Experts</h2>{experts}<h2>Plots</h2>{images}</body></html>"
     )
