@@ -17,6 +17,18 @@ def moerge_home() -> Path:
     return Path(os.environ.get("MOERGE_HOME", Path.home() / ".cache" / "moerge")).expanduser()
 
 
+def parse_json(text: str | bytes, source: object) -> Any:
+    """JSON from a file's text; bad input is one MoergeError naming `source` and the line."""
+    from moerge.errors import MoergeError
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MoergeError(f"{source}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise MoergeError(f"{source}: not UTF-8 text (expected JSON)") from None
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)

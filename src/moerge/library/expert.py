@@ -10,7 +10,6 @@ Layout (see GUIDE.md):
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moerge.errors import MoergeError
-from moerge.paths import write_json_atomic
+from moerge.paths import parse_json, write_json_atomic
 
 METADATA_FILE = "moerge.json"
 ARTIFACTS_DIR = "artifacts"
@@ -101,12 +100,7 @@ def read_expert_meta(folder: Path) -> ExpertMeta:
 
 def parse_expert_meta(text: str | bytes, source: object) -> ExpertMeta:
     """Validate `moerge.json` text read from anywhere (local file, remote library); errors name `source`."""
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MoergeError(f"{source}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
-    except UnicodeDecodeError:
-        raise MoergeError(f"{source}: not UTF-8 text (expected JSON)") from None
+    raw = parse_json(text, source)
     try:
         return ExpertMeta.model_validate(raw)
     except ValidationError as exc:

@@ -7,7 +7,6 @@ adapter is never filed under a base it was not trained on.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from moerge.errors import MoergeError
 from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo
+from moerge.paths import parse_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -35,10 +35,7 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     path = adapter_dir / CONFIG_FILE
     if not path.is_file():
         raise MoergeError(f"{path}: not found (expected a peft adapter folder saved with save_pretrained)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MoergeError(f"{path}: invalid JSON ({exc})") from None
+    config = parse_json(path.read_bytes(), path)
     if not isinstance(config, dict):
         raise MoergeError(f"{path}: expected a JSON object")
     if not (adapter_dir / WEIGHTS_FILE).is_file():

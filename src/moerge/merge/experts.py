@@ -7,7 +7,6 @@ one module's worth of expert updates, not whole experts.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from safetensors import safe_open
 
 from moerge.errors import MoergeError
 from moerge.library.expert import ExpertMeta, check_expert_intact, is_expert_folder
+from moerge.paths import parse_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -44,7 +44,7 @@ class LoraExpert:
         if not config_path.is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
             raise MoergeError(f"{folder}: not a LoRA expert (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
         meta = check_expert_intact(folder) if is_expert_folder(folder) else None
-        config = _read_json(config_path)
+        config = parse_json(config_path.read_bytes(), config_path)
         if config.get("peft_type", "LORA") != "LORA":
             raise MoergeError(f"{config_path}: peft_type {config.get('peft_type')!r}: only LORA merges")
         for key in _UNSUPPORTED:
@@ -106,13 +106,6 @@ class LoraExpert:
 
     def rank(self, module: str) -> int:
         return self._reader.get_slice(self._factors[module]["A"]).get_shape()[0]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MoergeError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:

@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from moerge.errors import MoergeError
-from moerge.paths import atomic_directory, write_json_atomic
+from moerge.paths import atomic_directory, parse_json, write_json_atomic
 from moerge.route.policies import Policy
 from moerge.route.routers import Router, RouterEnv, get_router
 from moerge.route.routing import Routing
@@ -122,10 +121,7 @@ def read_router_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise MoergeError(f"{path}: not found (is {folder} a router folder made by `moerge route build`?)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MoergeError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    config = parse_json(path.read_bytes(), path)
     for key in ("router", "experts", "policy"):
         if key not in config:
             raise MoergeError(f"{path}: field {key!r} missing")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moerge.errors import MoergeError
+from moerge.paths import parse_json
 
 WeightFn = Callable[[str, torch.Tensor], torch.Tensor]
 _PEFT_PREFIX = "base_model.model."
@@ -81,10 +81,7 @@ def _read_adapter_config(folder: Path) -> dict[str, Any]:
     path = folder / "adapter_config.json"
     if not path.is_file():
         raise MoergeError(f"{path}: not found (expected a peft LoRA adapter folder)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MoergeError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    config = parse_json(path.read_bytes(), path)
     if config.get("peft_type", "LORA") != "LORA":
         raise MoergeError(f"{path}: peft_type {config.get('peft_type')!r}: routing supports LoRA experts only")
     for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
