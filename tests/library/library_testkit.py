@@ -17,14 +17,11 @@ BASE = "tiny-llama"
 FINGERPRINTS = {BASE: "fp-tiny", "/models/tiny-llama": "fp-tiny", "/models/other": "fp-other"}
 
 
-def make_adapter(folder: Path, *, seed: int = 0, **lora: object) -> Path:
-    """Save a plain peft LoRA adapter (non-zero lora_B) for a tiny random Llama."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config():
+    """The tiny random Llama every library test adapter is made for."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=128,
         hidden_size=64,
         intermediate_size=128,
@@ -33,6 +30,16 @@ def make_adapter(folder: Path, *, seed: int = 0, **lora: object) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=128,
     )
+
+
+def make_adapter(folder: Path, *, seed: int = 0, **lora: object) -> Path:
+    """Save a plain peft LoRA adapter (non-zero lora_B) for a tiny random Llama."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_llama_config()
     options = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **lora}
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(**options))
     with torch.no_grad():

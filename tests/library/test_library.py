@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from library_testkit import make_adapter, make_expert
+from library_testkit import make_adapter, make_expert, tiny_llama_config
 from safetensors.torch import load_file
 
 from moerge.errors import MoergeError
@@ -141,20 +141,11 @@ def test_remove_and_export(lib, adapter, tmp_path) -> None:
 
 def test_exported_folder_loads_in_peft(lib, adapter, tmp_path) -> None:
     from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     lib.add(make_expert(tmp_path / "src", adapter, name="e"))
     out = lib.export("e", tmp_path / "out")
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    model = PeftModel.from_pretrained(LlamaForCausalLM(config), out)
+    model = PeftModel.from_pretrained(LlamaForCausalLM(tiny_llama_config()), out)
     expected = load_file(adapter / "adapter_model.safetensors")
     loaded = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
     assert len(loaded) == sum("lora_B" in k for k in expected) > 0
