@@ -24,13 +24,26 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def run_moerge(args: argparse.Namespace) -> dict:
     from moerge.train import TrainConfig, train_expert
 
-    cfg = TrainConfig(base=args.base, task=args.task, method="lora", rank=8, alpha=16, lr=1e-3,
-                      steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                      eval_split=None, checkpoint_every=10_000)
+    cfg = TrainConfig(
+        base=args.base,
+        task=args.task,
+        method="lora",
+        rank=8,
+        alpha=16,
+        lr=1e-3,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        eval_split=None,
+        checkpoint_every=10_000,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         meta = train_expert(cfg, Path(tmp) / "expert", progress=False)
-    return {"tokens_per_s": meta.cost["tokens_per_s"], "tokens": meta.cost["train_tokens"],
-            "train_time_s": meta.cost["train_time_s"]}
+    return {
+        "tokens_per_s": meta.cost["tokens_per_s"],
+        "tokens": meta.cost["train_tokens"],
+        "train_time_s": meta.cost["train_time_s"],
+    }
 
 
 def run_plain(args: argparse.Namespace) -> dict:
@@ -83,18 +96,35 @@ def child(args: argparse.Namespace) -> None:
 def parent(args: argparse.Namespace) -> dict:
     results = {}
     for side in ("plain_peft", "moerge", "plain_peft", "moerge"):  # alternate to spread machine noise
-        cmd = [sys.executable, __file__, "--side", side, "--base", args.base, "--task", args.task,
-               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--side",
+            side,
+            "--base",
+            args.base,
+            "--task",
+            args.task,
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--max-length",
+            str(args.max_length),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
-        run = json.loads(line[len("RESULT "):])
+        run = json.loads(line[len("RESULT ") :])
         best = results.get(side)
         if best is None or run["tokens_per_s"] > best["tokens_per_s"]:
             results[side] = run
     ratio_speed = results["moerge"]["tokens_per_s"] / results["plain_peft"]["tokens_per_s"]
     ratio_mem = results["moerge"]["peak_rss_mb"] / results["plain_peft"]["peak_rss_mb"]
-    summary = {"sides": results, "speed_ratio_moerge_over_plain": round(ratio_speed, 3),
-               "peak_rss_ratio_moerge_over_plain": round(ratio_mem, 3)}
+    summary = {
+        "sides": results,
+        "speed_ratio_moerge_over_plain": round(ratio_speed, 3),
+        "peak_rss_ratio_moerge_over_plain": round(ratio_mem, 3),
+    }
     print(json.dumps(summary, indent=2))
     return summary
 

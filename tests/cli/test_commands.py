@@ -5,8 +5,24 @@ import sys
 
 import pytest
 
-COMMANDS = ["", "demo", "compare", "models", "models fetch", "models list", "data show", "train", "train-library",
-            "eval", "generate", "library", "merge", "route", "route build", "route explain"]
+COMMANDS = [
+    "",
+    "demo",
+    "compare",
+    "models",
+    "models fetch",
+    "models list",
+    "data show",
+    "train",
+    "train-library",
+    "eval",
+    "generate",
+    "library",
+    "merge",
+    "route",
+    "route build",
+    "route explain",
+]
 
 
 def _moerge(*args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -15,8 +15,7 @@ from moerge.errors import MoergeError
 
 TOP = "bigbench-1.0.0/bigbench/benchmark_tasks"
 MC_EXAMPLES = [
-    {"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2 == 1)}}
-    for i in range(20)
+    {"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2 == 1)}} for i in range(20)
 ]
 FILES = {
     f"{TOP}/evenness/task.json": {
@@ -77,9 +76,7 @@ def test_subtasks(sdist: Path) -> None:
     task = load_task("bigbench:sums/one_digit")
     assert task.name == "sums_one_digit" and task.description == "1-digit sums"
     assert sum(task.sizes().values()) == 9
-    with pytest.raises(
-        MoergeError, match=r"bigbench:sums: task 'sums' needs a subtask.*one_digit, two_digit"
-    ):
+    with pytest.raises(MoergeError, match=r"bigbench:sums: task 'sums' needs a subtask.*one_digit, two_digit"):
         load_task("bigbench:sums")
     with pytest.raises(MoergeError, match=r"unknown BIG-bench subtask of sums 'one_digits'.*one_digit"):
         load_task("bigbench:sums/one_digits")
@@ -98,13 +95,9 @@ def test_limit_is_seeded(sdist: Path) -> None:
     assert load_task("bigbench:evenness", limit=7, seed=5).data_hash() == first.data_hash()
 
 
-def test_extracts_only_task_files_once(
-    sdist: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_extracts_only_task_files_once(sdist: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     load_task("bigbench:evenness")
-    extracted = sorted(
-        p.relative_to(isolated_home / "bigbench") for p in (isolated_home / "bigbench").rglob("*.*")
-    )
+    extracted = sorted(p.relative_to(isolated_home / "bigbench") for p in (isolated_home / "bigbench").rglob("*.*"))
     assert [str(p) for p in extracted] == [
         "benchmark_tasks/echo/task.json",
         "benchmark_tasks/evenness/task.json",
@@ -155,9 +148,7 @@ def test_downloads_with_pip_download_when_absent(
     assert load_task("bigbench:evenness").name == "evenness"
     assert load_task("bigbench:echo").name == "echo"
     assert len(calls) == 1
-    assert (
-        calls[0][1:4] == ["-m", "pip", "download"] and "--no-deps" in calls[0] and "install" not in calls[0]
-    )
+    assert calls[0][1:4] == ["-m", "pip", "download"] and "--no-deps" in calls[0] and "install" not in calls[0]
     assert (isolated_home / "sources" / bigbench.SDIST_NAME).is_file()
 
 
@@ -168,7 +159,5 @@ def test_failed_download_says_how_to_fix_it(monkeypatch: pytest.MonkeyPatch) -> 
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found\n")
 
     monkeypatch.setattr(subprocess, "run", offline)
-    with pytest.raises(
-        MoergeError, match=r"could not download .*No matching distribution.*MOERGE_BIGBENCH_SDIST"
-    ):
+    with pytest.raises(MoergeError, match=r"could not download .*No matching distribution.*MOERGE_BIGBENCH_SDIST"):
         load_task("bigbench:evenness")

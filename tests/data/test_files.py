@@ -90,9 +90,7 @@ def test_datasets_folder_dataset_and_dataset_dict(tmp_path: Path) -> None:
     flat = load_task(str(tmp_path / "flat"))
     assert flat.name == "flat" and flat.sizes() == {"train": 28, "validation": 4, "test": 8}
 
-    DatasetDict({"train": data, "test": Dataset.from_list(qa_rows(45)[40:])}).save_to_disk(
-        str(tmp_path / "dd")
-    )
+    DatasetDict({"train": data, "test": Dataset.from_list(qa_rows(45)[40:])}).save_to_disk(str(tmp_path / "dd"))
     task = load_task(str(tmp_path / "dd"))
     assert [ex.target for ex in task.test] == ["41", "42", "43", "44", "45"]
     assert len(task.validation) == 4 and len(task.train) == 36

@@ -50,9 +50,7 @@ def test_scorer_uses_the_generators_score_answer() -> None:
 
 
 def test_unknown_generator_suggests_close_names() -> None:
-    with pytest.raises(
-        MoergeError, match=r"gym:basic_arithmetix: unknown reasoning-gym generator.*basic_arithmetic"
-    ):
+    with pytest.raises(MoergeError, match=r"gym:basic_arithmetix: unknown reasoning-gym generator.*basic_arithmetic"):
         load_task("gym:basic_arithmetix")
 
 

@@ -13,20 +13,30 @@ from moerge.eval.protocol import load_compare_recipe
 
 def _recipe(tmp_path, tiny_base, strategies, **extra) -> dict:
     parity = write_task(tmp_path / "parity.jsonl", parity_rows(40))
-    colours = write_task(tmp_path / "colour.jsonl", [
-        {"input": f"Colour of item {i}?", "target": ["red", "blue"][i % 2], "choices": ["red", "blue"]}
-        for i in range(40)])
-    unseen = write_task(tmp_path / "unseen.jsonl", [
-        {"input": f"Is {i} odd?", "target": "yes" if i % 2 else "no", "choices": ["yes", "no"]} for i in range(30)])
+    colours = write_task(
+        tmp_path / "colour.jsonl",
+        [
+            {"input": f"Colour of item {i}?", "target": ["red", "blue"][i % 2], "choices": ["red", "blue"]}
+            for i in range(40)
+        ],
+    )
+    unseen = write_task(
+        tmp_path / "unseen.jsonl",
+        [{"input": f"Is {i} odd?", "target": "yes" if i % 2 else "no", "choices": ["yes", "no"]} for i in range(30)],
+    )
     probe = write_task(tmp_path / "probe.jsonl", addition_rows(30))
     return {
-        "base": str(tiny_base), "library": str(tmp_path / "lib"), "method": "lora",
-        "hyperparameters": {"rank": 2, "steps": 3, "batch_size": 4, "max_length": 48, "lr": 0.01,
-                            "eval_split": None},
+        "base": str(tiny_base),
+        "library": str(tmp_path / "lib"),
+        "method": "lora",
+        "hyperparameters": {"rank": 2, "steps": 3, "batch_size": 4, "max_length": 48, "lr": 0.01, "eval_split": None},
         "held_in": [{"task": parity, "name": "parity"}, {"task": colours, "name": "colour"}],
         "held_out": [{"task": unseen, "name": "unseen"}],
         "forgetting": {"probe": probe, "task": unseen, "limit": 6},
-        "eval_limit": 6, "explain_limit": 3, "strategies": strategies, **extra,
+        "eval_limit": 6,
+        "explain_limit": 3,
+        "strategies": strategies,
+        **extra,
     }
 
 
@@ -37,9 +47,15 @@ def _load(tmp_path, raw):
 
 
 def test_every_strategy_kind_runs_and_reports(tmp_path, tiny_base):
-    strategies = ["base", "oracle", "multitask", "ties", {"name": "soup", "kind": "merge", "method": "linear"},
-                  {"name": "arrow", "kind": "router", "router": "arrow", "policy": {"name": "top_k", "k": 1}},
-                  "uniform"]
+    strategies = [
+        "base",
+        "oracle",
+        "multitask",
+        "ties",
+        {"name": "soup", "kind": "merge", "method": "linear"},
+        {"name": "arrow", "kind": "router", "router": "arrow", "policy": {"name": "top_k", "k": 1}},
+        "uniform",
+    ]
     recipe = _load(tmp_path, _recipe(tmp_path, tiny_base, strategies))
     out = tmp_path / "out"
     results = run_compare(recipe, out, progress=False)

@@ -48,9 +48,7 @@ def with_base(adapter: Path, dest: Path, base: str | None) -> Path:
         ("rslora", "rslora", 4, 8, ["o_proj"]),
     ],
 )
-def test_import_fills_metadata_from_peft_config(
-    tmp_path, adapters, kind, method, rank, alpha, targets
-) -> None:
+def test_import_fills_metadata_from_peft_config(tmp_path, adapters, kind, method, rank, alpha, targets) -> None:
     lib = ExpertLibrary.create(tmp_path / "lib")
     src = with_base(adapters[kind], tmp_path / kind, "/models/tiny-llama")
     assert lib.import_peft(src, task="gsm", base="tiny-llama") == kind
@@ -69,17 +67,13 @@ def test_import_fills_metadata_from_peft_config(
         "adapter_model.safetensors",
         "moerge.json",
     ]
-    assert (folder / "adapter_model.safetensors").read_bytes() == (
-        src / "adapter_model.safetensors"
-    ).read_bytes()
+    assert (folder / "adapter_model.safetensors").read_bytes() == (src / "adapter_model.safetensors").read_bytes()
 
 
 def test_base_mismatch_refused_unresolvable_noted(tmp_path, adapters) -> None:
     lib = ExpertLibrary.create(tmp_path / "lib")
     wrong = with_base(adapters["lora"], tmp_path / "wrong", "/models/other")
-    with pytest.raises(
-        MoergeError, match=r"adapter_config.json: base_model_name_or_path '/models/other'.*fp-other"
-    ):
+    with pytest.raises(MoergeError, match=r"adapter_config.json: base_model_name_or_path '/models/other'.*fp-other"):
         lib.import_peft(wrong, task="t", base="tiny-llama")
     assert lib.names() == []
     hub = with_base(adapters["lora"], tmp_path / "hub", "someone/unreachable-model")
@@ -110,13 +104,11 @@ def test_real_fingerprints_accept_true_base_and_refuse_another(tmp_path, tiny_ba
     from moerge.models.loading import fingerprint
 
     monkeypatch.setattr(moerge.models, "fingerprint", fingerprint)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny_base), LoraConfig(r=2, target_modules=["q_proj"])
-    )
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), LoraConfig(r=2, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path / "adapter")
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
-        "base_model_name_or_path"
-    ] == str(tiny_base)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_base
+    )
     other = make_tiny_base(tmp_path / "other", seed=1)
     lib = ExpertLibrary.create(tmp_path / "lib")
     with pytest.raises(MoergeError, match="is not the base"):

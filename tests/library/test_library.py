@@ -55,11 +55,7 @@ def test_add_registers_copy_and_lists_with_filters(lib, adapter, tmp_path) -> No
         == load_file(adapter / "adapter_model.safetensors").keys()
     )
     # the catalog is a real SQLite file with one row per expert
-    rows = (
-        sqlite3.connect(Path(lib.root) / "catalog.sqlite")
-        .execute("SELECT name, task FROM experts")
-        .fetchall()
-    )
+    rows = sqlite3.connect(Path(lib.root) / "catalog.sqlite").execute("SELECT name, task FROM experts").fetchall()
     assert sorted(rows) == [("add-a", "add"), ("add-b", "add"), ("sort-a", "sort")]
 
 
@@ -151,9 +147,7 @@ def test_exported_folder_loads_in_peft(lib, adapter, tmp_path) -> None:
     assert len(loaded) == sum("lora_B" in k for k in expected) > 0
     for key, value in expected.items():
         if "lora_B" in key:
-            match = [
-                v for k, v in loaded.items() if k.replace(".default", "").endswith(key.split("model.", 1)[1])
-            ]
+            match = [v for k, v in loaded.items() if k.replace(".default", "").endswith(key.split("model.", 1)[1])]
             assert len(match) == 1 and torch.equal(match[0], value)
 
 

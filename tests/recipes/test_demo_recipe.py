@@ -10,6 +10,16 @@ def test_packaged_demo_recipe(tmp_path):
     sources = {t.task.split(":")[0] for t in recipe.held_in}
     assert sources == {"gym", "bigbench"}
     names = [s.name for s in recipe.strategies]
-    assert names == ["base", "oracle", "multitask", "task_arithmetic", "ties", "dare_ties", "arrow", "phatgoose",
-                     "glider", "centroid"]
+    assert names == [
+        "base",
+        "oracle",
+        "multitask",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "arrow",
+        "phatgoose",
+        "glider",
+        "centroid",
+    ]
     assert recipe.forgetting.probe and recipe.forgetting.task

@@ -14,9 +14,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from moerge.library import ExpertLibrary, ExpertMeta
 
-app = typer.Typer(
-    help="Keep experts in a library: catalog, import, export, verification.", no_args_is_help=True
-)
+app = typer.Typer(help="Keep experts in a library: catalog, import, export, verification.", no_args_is_help=True)
 console = Console()
 
 PATH = typer.Argument(..., help="Library folder or fsspec URL (file://, memory://, s3://...).")
@@ -40,9 +38,7 @@ def create(path: str = PATH) -> None:
 def add(
     path: str = PATH,
     expert_dir: Path = typer.Argument(..., help="Expert folder (peft files + moerge.json)."),
-    name: str | None = typer.Option(
-        None, "--name", "-n", help="Name in the library (default: moerge.json's)."
-    ),
+    name: str | None = typer.Option(None, "--name", "-n", help="Name in the library (default: moerge.json's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an expert of the same name."),
 ) -> None:
     """Copy an expert in: verified against its sha256s, then swapped in atomically."""
@@ -52,9 +48,7 @@ def add(
 
 def import_peft(
     path: str = PATH,
-    adapter_dir: Path = typer.Argument(
-        ..., help="A plain peft adapter folder (adapter_config.json + safetensors)."
-    ),
+    adapter_dir: Path = typer.Argument(..., help="A plain peft adapter folder (adapter_config.json + safetensors)."),
     task: str = typer.Option(..., "--task", "-t", help="What the adapter was trained on."),
     base: str = typer.Option(..., "--base", "-b", help="Base model (folder or hub id) it was trained on."),
     name: str | None = typer.Option(None, "--name", "-n", help="Name in the library (default: folder name)."),
@@ -68,9 +62,7 @@ def import_peft(
 
 
 def _metrics_text(metrics: dict[str, Any]) -> str:
-    return ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())
-    )
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
 
 
 def _table(metas: list[ExpertMeta]) -> Table:
@@ -137,9 +129,7 @@ def verify(path: str = PATH, as_json: bool = typer.Option(False, "--json", help=
         for name in report.missing:
             console.print(f"[red]missing[/red] {name}: registered, but its folder is gone", highlight=False)
         for name in report.unregistered:
-            console.print(
-                f"[yellow]unregistered[/yellow] {name}: run `moerge library rebuild`", highlight=False
-            )
+            console.print(f"[yellow]unregistered[/yellow] {name}: run `moerge library rebuild`", highlight=False)
         status = "[green]ok[/green]" if report.ok else "[red]problems found[/red]"
         console.print(f"{status}: {report.checked} experts checked")
     if not report.ok:

@@ -40,19 +40,13 @@ def _sdist_identity(sdist: Path) -> dict[str, Any]:
 def _download_sdist(dest: Path) -> Path:
     """`pip download` the sdist (no dependencies, nothing installed) into `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
-    print(
-        f"moerge: downloading the BIG-bench task files ({SDIST_NAME}, ~360 MB) into {dest}", file=sys.stderr
-    )
+    print(f"moerge: downloading the BIG-bench task files ({SDIST_NAME}, ~360 MB) into {dest}", file=sys.stderr)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "bigbench"]
-    result = subprocess.run(
-        [*command, "bigbench==1.0.0", "-d", str(dest)], capture_output=True, text=True, check=False
-    )
+    result = subprocess.run([*command, "bigbench==1.0.0", "-d", str(dest)], capture_output=True, text=True, check=False)
     sdist = dest / SDIST_NAME
     if result.returncode != 0 or not sdist.is_file():
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MoergeError(
-            f"bigbench: could not download {SDIST_NAME} ({last}); put it at {sdist} or set {SDIST_ENV}"
-        )
+        raise MoergeError(f"bigbench: could not download {SDIST_NAME} ({last}); put it at {sdist} or set {SDIST_ENV}")
     return sdist
 
 

@@ -112,9 +112,7 @@ def _jsonl_rows(spec: str, path: Path) -> Iterator[Row]:
             try:
                 yield f"{spec}:{number}", json.loads(line)
             except json.JSONDecodeError as exc:
-                raise MoergeError(
-                    f"{spec}:{number}: invalid JSON ({exc.msg} at column {exc.colno})"
-                ) from None
+                raise MoergeError(f"{spec}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
 
 
 def _csv_rows(spec: str, path: Path) -> Iterator[Row]:
@@ -166,11 +164,8 @@ def load_datasets_folder(spec: str) -> RawTask:
         return rows_to_task(name, ((f"{spec}:{i}", r) for i, r in enumerate(data, start=1)))
     unknown = sorted(set(data) - set(SPLITS))
     if unknown or "train" not in data:
-        raise MoergeError(
-            f"{spec}: dataset splits {sorted(data)} must include train and only train, validation, test"
-        )
+        raise MoergeError(f"{spec}: dataset splits {sorted(data)} must include train and only train, validation, test")
     presplit = {
-        split: read_rows((f"{spec}[{split}]:{i}", r) for i, r in enumerate(data[split], start=1))[0]
-        for split in data
+        split: read_rows((f"{spec}[{split}]:{i}", r) for i, r in enumerate(data[split], start=1))[0] for split in data
     }
     return RawTask(name=name, presplit=presplit)

@@ -66,8 +66,7 @@ def load_gym(spec: str) -> RawTask:
     name, options = parse_gym_spec(spec)
     dataset = _create(spec, name, options)
     examples = [
-        Example(input=entry["question"], target=str(entry["answer"]), meta={"entry": entry})
-        for entry in dataset
+        Example(input=entry["question"], target=str(entry["answer"]), meta={"entry": entry}) for entry in dataset
     ]
 
     def score(prediction: str, example: Example) -> float:

@@ -86,9 +86,7 @@ def resolve_source(spec: str) -> TaskSource:
             if src.folder:
                 return src
     if Path(spec).is_file():
-        raise MoergeError(
-            f"{spec}: unsupported file type {suffix or '(none)'}; known sources: {known_sources()}"
-        )
+        raise MoergeError(f"{spec}: unsupported file type {suffix or '(none)'}; known sources: {known_sources()}")
     if sep and len(prefix) > 1:
         raise MoergeError(f"{spec}: unknown task source {prefix!r}; known sources: {known_sources()}")
     raise MoergeError(f"{spec}: no such data file or folder; known sources: {known_sources()}")
@@ -115,9 +113,7 @@ def _fill_missing_splits(given: dict[str, list[Example]], seed: int) -> dict[str
         return {s: list(given.get(s, [])) for s in SPLITS}
     pieces = dict(zip(SPLITS, split_examples(given["train"], seed=seed), strict=True))
     out = {s: list(given[s]) for s in SPLITS if s not in missing}
-    out["train"] = pieces["train"] + [
-        ex for s in ("validation", "test") if s not in missing for ex in pieces[s]
-    ]
+    out["train"] = pieces["train"] + [ex for s in ("validation", "test") if s not in missing for ex in pieces[s]]
     for split in missing:
         out[split] = pieces[split]
     return out

@@ -109,14 +109,16 @@ def _chunk_choice_logprobs(model, tokenizer, chunk: list[Example]) -> list[list[
     import torch
     from transformers import DynamicCache
 
+    from moerge.models.logits import forward_at
+
     device = _device(model)
     ids, mask = _left_pad([prompt_ids(tokenizer, ex) for ex in chunk], tokenizer.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     with torch.no_grad():
-        prefill = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        prefill = forward_at(
+            model, 1, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         )
     first = torch.log_softmax(prefill.logits[:, -1].float(), dim=-1)
     cache, lengths = prefill.past_key_values, mask.sum(-1, keepdim=True)

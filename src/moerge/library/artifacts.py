@@ -23,9 +23,7 @@ def key_digest(key: dict[str, Any], expert_files: dict[str, str]) -> tuple[str, 
     try:
         blob = json.dumps({"key": key, "expert_files": expert_files}, sort_keys=True)
     except TypeError as exc:
-        raise MoergeError(
-            f"artifact key: must be JSON-serialisable (str, number, list, dict): {exc}"
-        ) from None
+        raise MoergeError(f"artifact key: must be JSON-serialisable (str, number, list, dict): {exc}") from None
     return hashlib.sha256(blob.encode()).hexdigest(), blob
 
 

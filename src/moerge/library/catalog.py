@@ -62,9 +62,7 @@ class Catalog:
                         f"({SCHEMA_VERSION}); upgrade moerge"
                     )
         except sqlite3.DatabaseError as exc:
-            raise MoergeError(
-                f"{self.path}: unreadable catalog ({exc}); run `moerge library rebuild`"
-            ) from None
+            raise MoergeError(f"{self.path}: unreadable catalog ({exc}); run `moerge library rebuild`") from None
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -78,9 +76,7 @@ class Catalog:
 
     def upsert(self, name: str, meta: ExpertMeta) -> None:
         with self._connect() as con:
-            con.execute(
-                f"INSERT OR REPLACE INTO experts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", _row(name, meta)
-            )
+            con.execute(f"INSERT OR REPLACE INTO experts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", _row(name, meta))
 
     def delete(self, name: str) -> None:
         with self._connect() as con:
@@ -102,9 +98,7 @@ class Catalog:
             row = con.execute("SELECT meta FROM experts WHERE name = ?", (name,)).fetchone()
         return None if row is None else ExpertMeta.model_validate_json(row[0])
 
-    def query(
-        self, *, task: str | None = None, method: str | None = None, base: str | None = None
-    ) -> list[ExpertMeta]:
+    def query(self, *, task: str | None = None, method: str | None = None, base: str | None = None) -> list[ExpertMeta]:
         """Experts matching every given filter; `base` matches the base's name/path or its fingerprint."""
         clauses, params = [], []
         for column, value in (("task", task), ("method", method)):

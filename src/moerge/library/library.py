@@ -175,10 +175,7 @@ class ExpertLibrary:
                 return verify_expert_files(Path(folder), meta)
             with tempfile.TemporaryDirectory() as tmp:
                 self.fs.get(folder.rstrip("/") + "/", tmp, recursive=True)
-                return [
-                    p.replace(tmp, self.fs.unstrip_protocol(folder))
-                    for p in verify_expert_files(Path(tmp), meta)
-                ]
+                return [p.replace(tmp, self.fs.unstrip_protocol(folder)) for p in verify_expert_files(Path(tmp), meta)]
         except MoergeError as exc:
             return [str(exc)]
 
@@ -288,8 +285,7 @@ class ExpertLibrary:
         self.meta(name)
         if not self.fs.isdir(self._p(name)):
             raise MoergeError(
-                f"refusing to load expert {name!r}: its folder is missing from {self.url} "
-                "(see `moerge library verify`)"
+                f"refusing to load expert {name!r}: its folder is missing from {self.url} (see `moerge library verify`)"
             )
         folder = Path(self._p(name)) if self.local else self._cached_copy(name)
         check_expert_intact(folder)

@@ -101,8 +101,7 @@ def load_recipe(path: str | Path) -> LibraryRecipe:
         recipe = LibraryRecipe.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"field {'.'.join(str(p) for p in err['loc']) or 'recipe'!r}: {err['msg']}"
-            for err in exc.errors()[:3]
+            f"field {'.'.join(str(p) for p in err['loc']) or 'recipe'!r}: {err['msg']}" for err in exc.errors()[:3]
         )
         raise MoergeError(f"{path}: {problems}") from None
     if "://" not in recipe.library and not Path(recipe.library).is_absolute():

@@ -128,4 +128,3 @@ def load_merge_spec(config: Path | None, flags: dict[str, Any]) -> MergeSpec:
         return MergeSpec.model_validate(raw)
     except ValidationError as exc:
         raise validation_error(config, root, exc) from None
-

@@ -11,6 +11,7 @@ from torch import nn
 
 from moerge.data.prompts import IGNORE_INDEX, encode_for_training
 from moerge.data.task import Example
+from moerge.models.logits import answer_loss
 from moerge.route.embed import pad_batch
 from moerge.route.routers import RouterEnv
 from moerge.route.stacked import WeightFn
@@ -59,7 +60,7 @@ def train_router_params(
     try:
         for step in range(steps):
             ids, mask, labels = batches[step % len(batches)]
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = answer_loss(model, ids, mask, labels)
             extra = aux_loss()
             if extra is not None:
                 loss = loss + extra

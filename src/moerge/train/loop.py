@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moerge.data.prompts import IGNORE_INDEX
 from moerge.errors import MoergeError
 from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo, write_expert_meta
 from moerge.paths import atomic_directory
@@ -303,17 +302,11 @@ def batch_loss(
     examples in the batch weighs as much as a large one; otherwise every token weighs the same.
     """
     import torch
-    import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(labels.shape)
-    counted = (labels != IGNORE_INDEX).sum(dim=1)
+    from moerge.models.logits import answer_token_nll
+
+    nll, labelled = answer_token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    counted = labelled.sum(dim=1)
     row_sums = nll.sum(dim=1)
     rows = torch.tensor(task_of_row, device=row_sums.device)
     task_means = {}

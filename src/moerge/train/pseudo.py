@@ -77,6 +77,8 @@ def answer_token_logprobs(
     """log p(token | prefix) of each answer token, for (prompt_ids, answer_ids) pairs."""
     import torch
 
+    from moerge.models.logits import forward_at
+
     device = next(model.parameters()).device
     out: list[list[float]] = []
     for start in range(0, len(pairs), batch_size):
@@ -87,12 +89,15 @@ def answer_token_logprobs(
         for row, (p, a) in enumerate(chunk):
             ids[row, : len(p) + len(a)] = torch.tensor(p + a)
             mask[row, : len(p) + len(a)] = 1
+        wanted = sorted({i for p, a in chunk for i in range(len(p) - 1, len(p) + len(a) - 1)})
+        column = {position: j for j, position in enumerate(wanted)}
+        keep = torch.tensor(wanted, device=device)
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+            logits = forward_at(model, keep, input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         for row, (p, a) in enumerate(chunk):
-            positions = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=device)
-            out.append(logprobs[row, positions, torch.tensor(a, device=device)].tolist())
+            columns = torch.tensor([column[i] for i in range(len(p) - 1, len(p) + len(a) - 1)], device=device)
+            out.append(logprobs[row, columns, torch.tensor(a, device=device)].tolist())
     return out
 
 

@@ -1,0 +1,58 @@
+"""Logits only where they are needed.
+
+The LM head of a small model is a large share of its compute: SmolLM2-135M projects every position
+onto a 49k-word vocabulary. Training and scoring read the logits at a few positions (the answer
+tokens, the prompt's last token), so asking the model for those positions alone saves most of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from moerge.data.prompts import IGNORE_INDEX
+
+
+@cache
+def _accepts_logits_to_keep(forward_of: type) -> bool:
+    return "logits_to_keep" in inspect.signature(forward_of.forward).parameters
+
+
+def forward_at(model, keep: int | torch.Tensor, **inputs):
+    """The model's output with logits only at sequence positions `keep` (a 1-D index tensor, or an
+    int n ≥ 1: the last n), through transformers' `logits_to_keep` where the model has it, else by
+    slicing the full logits."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if _accepts_logits_to_keep(type(inner)):
+        return model(**inputs, logits_to_keep=keep)
+    out = model(**inputs)
+    out.logits = out.logits[:, -keep:] if isinstance(keep, int) else out.logits[:, keep]
+    return out
+
+
+def answer_token_nll(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood of the labelled tokens, shape (batch, kept positions), with
+    0 where a row has no label, and the boolean mask of the counted tokens (same shape).
+
+    Only positions that predict a label in some row go through the LM head: the same numbers as
+    cross-entropy over the full logits, without projecting the prompt tokens onto the vocabulary.
+    """
+    targets = labels[:, 1:]
+    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    logits = forward_at(model, positions, input_ids=input_ids, attention_mask=attention_mask).logits
+    kept = targets[:, positions]
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), kept.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(kept.shape)
+    return nll, kept != IGNORE_INDEX
+
+
+def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over the labelled tokens (what `model(labels=...).loss` gives)."""
+    nll, counted = answer_token_nll(model, input_ids, attention_mask, labels)
+    return nll.sum() / counted.sum().clamp(min=1)
