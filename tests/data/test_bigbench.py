@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import io
 import json
-import subprocess
+import socket
 import tarfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -133,31 +137,66 @@ def test_bad_sdist_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         load_task("bigbench:evenness")
 
 
-def test_downloads_with_pip_download_when_absent(
-    tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
+    """A local package index (PEP 691 JSON) serving a tiny sdist; PIP_INDEX_URL points at it."""
+    served = make_sdist(tmp_path / "served.tar.gz").read_bytes()
+    state: dict[str, object] = {"requests": []}
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state["requests"].append((self.path, self.headers.get("Accept")))
+            if self.path == "/simple/bigbench/":
+                files = [{"filename": bigbench.SDIST_NAME, "url": "/files/sdist.tar.gz", "hashes": {}}]
+                body, kind = json.dumps({"files": files}).encode(), bigbench.SIMPLE_JSON
+            elif self.path == "/files/sdist.tar.gz":
+                body, kind = served, "application/octet-stream"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.delenv(bigbench.SDIST_ENV, raising=False)
-    calls: list[list[str]] = []
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_port}/simple")
+    monkeypatch.setattr(bigbench, "SDIST_SHA256", hashlib.sha256(served).hexdigest())
+    yield state
+    server.shutdown()
 
-    def fake_pip(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
-        calls.append(command)
-        make_sdist(Path(command[command.index("-d") + 1]) / bigbench.SDIST_NAME)
-        return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(subprocess, "run", fake_pip)
+def test_downloads_from_the_package_index_when_absent(index: dict[str, object], isolated_home: Path) -> None:
     assert load_task("bigbench:evenness").name == "evenness"
     assert load_task("bigbench:echo").name == "echo"
-    assert len(calls) == 1
-    assert calls[0][1:4] == ["-m", "pip", "download"] and "--no-deps" in calls[0] and "install" not in calls[0]
-    assert (isolated_home / "sources" / bigbench.SDIST_NAME).is_file()
+    assert index["requests"] == [
+        ("/simple/bigbench/", bigbench.SIMPLE_JSON),
+        ("/files/sdist.tar.gz", None),
+    ]  # once, and never through pip (which refuses bigbench's metadata)
+    sources = isolated_home / "sources"
+    assert sorted(p.name for p in sources.iterdir()) == [bigbench.SDIST_NAME]
 
 
-def test_failed_download_says_how_to_fix_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_download_with_the_wrong_checksum_is_not_kept(
+    index: dict[str, object], isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bigbench, "SDIST_SHA256", "0" * 64)
+    with pytest.raises(MoergeError, match=r"has sha256 [0-9a-f]{64}, expected 0{64}"):
+        load_task("bigbench:evenness")
+    assert list((isolated_home / "sources").iterdir()) == []
+
+
+def test_failed_download_says_how_to_fix_it(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(bigbench.SDIST_ENV, raising=False)
-
-    def offline(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
-        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found\n")
-
-    monkeypatch.setattr(subprocess, "run", offline)
-    with pytest.raises(MoergeError, match=r"could not download .*No matching distribution.*MOERGE_BIGBENCH_SDIST"):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{port}/simple")
+    with pytest.raises(MoergeError, match=r"could not download .*127\.0\.0\.1.*MOERGE_BIGBENCH_SDIST"):
         load_task("bigbench:evenness")

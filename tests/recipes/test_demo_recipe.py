@@ -23,3 +23,23 @@ def test_packaged_demo_recipe(tmp_path):
         "centroid",
     ]
     assert recipe.forgetting.probe and recipe.forgetting.task
+
+
+def test_router_benchmark_recipe_runs_on_the_demo_experts(tmp_path):
+    """benchmarks/routers.yaml must stay the demo's tasks and settings so it reuses the demo's experts
+    and cached scores; only the strategies differ (every router of the routing issue)."""
+    from pathlib import Path
+
+    from moerge.eval.protocol import load_compare_recipe
+
+    demo = packaged_recipe(tmp_path)
+    routers = load_compare_recipe(Path(__file__).parents[2] / "benchmarks" / "routers.yaml")
+    assert routers.library == str((Path(__file__).parents[2] / "runs" / "demo" / "library").resolve())
+    for field in ("base", "method", "hyperparameters", "held_in", "held_out", "forgetting", "eval_limit"):
+        assert getattr(routers, field) == getattr(demo, field), field
+    shared = {s.name: s for s in demo.strategies}
+    for strategy in routers.strategies:
+        if strategy.name in shared:  # same settings, so the demo's cached scores apply
+            assert strategy == shared[strategy.name], strategy.name
+    kinds = {s.router for s in routers.strategies if s.kind == "router"}
+    assert kinds == {"uniform", "centroid", "arrow", "phatgoose", "glider", "learned"}

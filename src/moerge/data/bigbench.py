@@ -1,6 +1,6 @@
 """`bigbench:<task>[/<subtask>]`: BIG-bench JSON tasks read from the bigbench 1.0.0 sdist.
 
-The sdist is only downloaded (`pip download`, never installed: it needs tensorflow), and only its
+The sdist is only downloaded from the package index (never installed: it needs tensorflow), and only its
 `benchmark_tasks/**/task.json` files are extracted, once, into `$MOERGE_HOME/bigbench/`.
 `MOERGE_BIGBENCH_SDIST` points at a local copy of the tar.gz instead.
 """
@@ -8,13 +8,15 @@ The sdist is only downloaded (`pip download`, never installed: it needs tensorfl
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
-import subprocess
 import sys
 import tarfile
+import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urljoin
 
 from filelock import FileLock
 
@@ -22,11 +24,15 @@ from moerge.data.loaders import RawTask, task_source
 from moerge.data.task import Example
 from moerge.errors import MoergeError
 from moerge.paths import atomic_directory, moerge_home, write_json_atomic
+from moerge.progress import progress_bar
 
 SDIST_NAME = "bigbench-1.0.0.tar.gz"
 SDIST_ENV = "MOERGE_BIGBENCH_SDIST"
 TASKS_DIR = ("bigbench", "benchmark_tasks")
 MARKER = "sdist.json"
+SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"  # PyPI's published hash
+DEFAULT_INDEX = "https://pypi.org/simple"
+SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 
 
 def cache_dir() -> Path:
@@ -37,16 +43,51 @@ def _sdist_identity(sdist: Path) -> dict[str, Any]:
     return {"name": sdist.name, "size": sdist.stat().st_size}
 
 
+def _index_url() -> str:
+    return os.environ.get("PIP_INDEX_URL", DEFAULT_INDEX).rstrip("/") + "/"
+
+
+def _sdist_url(index: str) -> str:
+    """The sdist's download address, from the package index's JSON simple API (PEP 691)."""
+    request = urllib.request.Request(urljoin(index, "bigbench/"), headers={"Accept": SIMPLE_JSON})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        files = json.load(response)["files"]
+    for entry in files:
+        if entry["filename"] == SDIST_NAME:
+            return urljoin(index, entry["url"])
+    raise MoergeError(f"bigbench: {index} lists no {SDIST_NAME}")
+
+
 def _download_sdist(dest: Path) -> Path:
-    """`pip download` the sdist (no dependencies, nothing installed) into `dest`."""
+    """Fetch the sdist from the package index into `dest` (a temp file renamed once its sha256 checks).
+
+    Not `pip download`: pip ≥ 24 prepares the sdist's metadata first and then refuses it, because
+    bigbench declares a direct-URL dependency (bleurt). Nothing is installed either way.
+    """
     dest.mkdir(parents=True, exist_ok=True)
+    sdist, index = dest / SDIST_NAME, _index_url()
     print(f"moerge: downloading the BIG-bench task files ({SDIST_NAME}, ~360 MB) into {dest}", file=sys.stderr)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "bigbench"]
-    result = subprocess.run([*command, "bigbench==1.0.0", "-d", str(dest)], capture_output=True, text=True, check=False)
-    sdist = dest / SDIST_NAME
-    if result.returncode != 0 or not sdist.is_file():
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MoergeError(f"bigbench: could not download {SDIST_NAME} ({last}); put it at {sdist} or set {SDIST_ENV}")
+    partial = dest / f".{SDIST_NAME}.{os.getpid()}.part"
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(_sdist_url(index), timeout=60) as response, partial.open("wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with progress_bar(enabled=sys.stderr.isatty()) as bar:
+                job = bar.add_task("bigbench", total=total, info="download")
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(job, advance=len(chunk))
+        if digest.hexdigest() != SDIST_SHA256:
+            got = digest.hexdigest()
+            raise MoergeError(f"bigbench: {SDIST_NAME} from {index} has sha256 {got}, expected {SDIST_SHA256}")
+        partial.replace(sdist)
+    except (OSError, ValueError, KeyError) as exc:
+        raise MoergeError(
+            f"bigbench: could not download {SDIST_NAME} from {index} ({exc}); put it at {sdist} or set {SDIST_ENV}"
+        ) from exc
+    finally:
+        partial.unlink(missing_ok=True)
     return sdist
 
 
