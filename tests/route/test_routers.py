@@ -101,6 +101,15 @@ def test_classifier_routes_each_example_of_a_mixed_batch_to_its_expert(routed, e
         assert weights[0].argmax(-1).tolist() == list(range(4))
 
 
+def test_uniform_routing_shares_the_top_expert_evenly(routed, expert_data):
+    handle, tokenizer = routed
+    _route(routed, expert_data, "uniform")
+    report = explain_routing(handle.model, tokenizer, {n: expert_data[n] for n in NAMES})
+    for row in report.values():
+        assert row["top1"] == pytest.approx([1 / len(NAMES)] * len(NAMES))
+    assert routing_accuracy(report, {n: n for n in NAMES}) == pytest.approx(1 / len(NAMES))
+
+
 def test_task_granularity_shares_weights_within_a_task(routed, expert_data):
     handle, tokenizer = routed
     _route(routed, expert_data, "arrow", policy={"granularity": "task", "aggregation": "merge"})

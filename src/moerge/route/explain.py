@@ -16,7 +16,9 @@ from moerge.route.stacked import routing_context
 def explain_routing(
     model: Any, tokenizer: Any, tasks: Mapping[str, Sequence[Example]], *, batch_size: int = 8
 ) -> dict[str, dict[str, Any]]:
-    """Per task: `overall` [K] mean weight per expert, `layers` {module: [K]}, `top1` share per expert.
+    """Per task: `overall` [K] mean weight per expert, `layers` {module: [K]}, `top1` share per expert
+    (an example whose top weight is tied between m experts counts 1/m for each, so uniform routing
+    reads as chance, 1/K, not as "everything to the first expert").
 
     Weights are averaged over each prompt's non-padding tokens, then over examples (and layers for
     `overall`). Each prompt is routed with `routing_context(task_ids=[task])`, which the oracle needs.
@@ -35,7 +37,8 @@ def explain_routing(
                 model(input_ids=ids, attention_mask=mask)
         layers = {module: torch.cat(rows).mean(0) for module, rows in routing.records.items()}
         per_example = torch.stack([torch.cat(rows) for rows in routing.records.values()]).mean(0)
-        top1 = torch.bincount(per_example.argmax(-1), minlength=len(handle.expert_names)).float()
+        top = per_example == per_example.max(-1, keepdim=True).values
+        top1 = (top.float() / top.sum(-1, keepdim=True)).sum(0)  # a tie for the top shares the example
         report[task] = {
             "experts": handle.expert_names,
             "overall": torch.stack(list(layers.values())).mean(0).tolist(),
