@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from moerge.progress import output_console
+
+console = output_console()
 
 
 def compare(

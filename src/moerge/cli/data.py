@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console, Group
+from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from moerge.data.task import Example
+from moerge.progress import output_console
 
 app = typer.Typer(help="Inspect tasks: data files, datasets folders, gym:<generator>, bigbench:<task>.")
-console = Console()
+console = output_console()
 
 
 def _example_panel(index: int, example: Example) -> Panel:

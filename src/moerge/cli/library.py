@@ -8,14 +8,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from moerge.progress import output_console
 
 if TYPE_CHECKING:
     from moerge.library import ExpertLibrary, ExpertMeta
 
 app = typer.Typer(help="Keep experts in a library: catalog, import, export, verification.", no_args_is_help=True)
-console = Console()
+console = output_console()
 
 PATH = typer.Argument(..., help="Library folder or fsspec URL (file://, memory://, s3://...).")
 NAME = typer.Argument(..., help="Expert name in the library.")

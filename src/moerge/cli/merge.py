@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from moerge.errors import MoergeError
+from moerge.progress import output_console
 
-console = Console()
+console = output_console()
 
 
 def _split(value: str | None) -> list[str] | None:

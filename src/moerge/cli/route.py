@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from moerge.errors import MoergeError
+from moerge.progress import output_console
 
 app = typer.Typer(help="Route among experts: build routers, explain their choices.", no_args_is_help=True)
-console = Console()
+console = output_console()
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:

@@ -6,12 +6,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from moerge.eval.protocol import CompareRecipe, load_compare_recipe
+from moerge.progress import output_console
 
-console = Console()
+console = output_console()
 
 
 def packaged_recipe(out: Path) -> CompareRecipe:
