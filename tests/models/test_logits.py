@@ -74,3 +74,12 @@ def test_forward_at_slices_like_the_full_logits_when_the_model_cannot(tiny, monk
     monkeypatch.setattr("moerge.models.logits._accepts_logits_to_keep", lambda forward_of: False)
     assert torch.allclose(forward_at(model, keep, input_ids=ids, attention_mask=mask).logits, full[:, keep], atol=1e-6)
     assert torch.allclose(forward_at(model, 1, input_ids=ids, attention_mask=mask).logits, full[:, -1:], atol=1e-6)
+
+
+def test_a_batch_without_labels_gives_zero_loss_and_can_step(tiny):
+    """Answers cut off by max_length leave nothing to learn: no crash, no NaN."""
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    ids, mask, labels = _batch(model.config.vocab_size)
+    loss = answer_loss(model, ids, mask, torch.full_like(labels, IGNORE_INDEX))
+    loss.backward()
+    assert float(loss) == 0.0
