@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import io
 import json
+import shutil
 import socket
 import tarfile
 import threading
@@ -146,8 +148,12 @@ def index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str,
     class Index(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             state["requests"].append((self.path, self.headers.get("Accept")))
-            if self.path == "/simple/bigbench/":
-                files = [{"filename": bigbench.SDIST_NAME, "url": "/files/sdist.tar.gz", "hashes": {}}]
+            state.setdefault("auth", []).append(self.headers.get("Authorization"))
+            if self.path == "/simple/bigbench/" and state.get("html_only"):
+                body, kind = b"<html><body>no JSON here</body></html>", "text/html"
+            elif self.path == "/simple/bigbench/":
+                # relative to the project page, as PEP 503/691 allow
+                files = [{"filename": bigbench.SDIST_NAME, "url": "../../files/sdist.tar.gz", "hashes": {}}]
                 body, kind = json.dumps({"files": files}).encode(), bigbench.SIMPLE_JSON
             elif self.path == "/files/sdist.tar.gz":
                 body, kind = served, "application/octet-stream"
@@ -166,7 +172,8 @@ def index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str,
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.delenv(bigbench.SDIST_ENV, raising=False)
-    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_port}/simple")
+    state["url"] = f"http://127.0.0.1:{server.server_port}/simple"
+    monkeypatch.setenv("PIP_INDEX_URL", state["url"])
     monkeypatch.setattr(bigbench, "SDIST_SHA256", hashlib.sha256(served).hexdigest())
     yield state
     server.shutdown()
@@ -187,9 +194,30 @@ def test_a_download_with_the_wrong_checksum_is_not_kept(
     index: dict[str, object], isolated_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(bigbench, "SDIST_SHA256", "0" * 64)
-    with pytest.raises(MoergeError, match=r"has sha256 [0-9a-f]{64}, expected 0{64}"):
+    with pytest.raises(MoergeError, match=r"its sha256 is [0-9a-f]{64}, expected 0{64}"):
         load_task("bigbench:evenness")
     assert list((isolated_home / "sources").iterdir()) == []
+
+
+def test_index_credentials_are_sent_as_a_header_and_never_printed(
+    index: dict[str, object], isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIP_INDEX_URL", str(index["url"]).replace("http://", "http://me:s%40cret@"))
+    assert load_task("bigbench:evenness").name == "evenness"
+    expected = "Basic " + base64.b64encode(b"me:s@cret").decode()
+    assert index["auth"] == [expected, expected]
+    monkeypatch.setattr(bigbench, "SDIST_SHA256", "0" * 64)
+    shutil.rmtree(isolated_home / "bigbench")
+    (isolated_home / "sources" / bigbench.SDIST_NAME).unlink()
+    with pytest.raises(MoergeError) as failure:
+        load_task("bigbench:evenness")
+    assert "cret" not in str(failure.value) and "me:" not in str(failure.value)
+
+
+def test_an_index_without_the_json_api_is_named_as_the_problem(index: dict[str, object], isolated_home: Path) -> None:
+    index["html_only"] = True
+    with pytest.raises(MoergeError, match=r"JSON simple API \(PEP 691\).*MOERGE_BIGBENCH_SDIST"):
+        load_task("bigbench:evenness")
 
 
 def test_failed_download_says_how_to_fix_it(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:

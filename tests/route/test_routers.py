@@ -64,6 +64,32 @@ def test_oracle_generate_matches_peft(routed, expert_data, tiny_base, experts):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("cache_argument", ["generate", "past_key_values"])
+def test_example_routing_is_decided_once_on_the_prompt_while_generating(
+    routed, expert_data, monkeypatch, cache_argument
+):
+    """Decode steps reuse the prompt's example-level weights, whichever name the cache is passed
+    under (transformers 5's `generate` says `cache=`, explicit calls `past_key_values=`)."""
+    from transformers import DynamicCache
+
+    handle, tokenizer = routed
+    routing = _route(routed, expert_data, "centroid", policy={"k": 1, "granularity": "example"})
+    decided = []
+    original = routing.router.example_scores
+    monkeypatch.setattr(routing.router, "example_scores", lambda step: decided.append(step) or original(step))
+    _, ids, mask = _mixed_batch(tokenizer)
+    with torch.no_grad():
+        if cache_argument == "generate":
+            handle.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        else:
+            cache = DynamicCache()
+            handle.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            step_ids = ids[:, -1:]
+            step_mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+            handle.model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True)
+    assert len(decided) == 1 and decided[0].prefill
+
+
 def test_arrow_prototypes_equal_independent_svd(routed, expert_data, experts):
     routing = _route(routed, expert_data, "arrow")
     for k, name in enumerate(NAMES):

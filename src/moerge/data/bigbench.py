@@ -7,8 +7,10 @@ The sdist is only downloaded from the package index (never installed: it needs t
 
 from __future__ import annotations
 
+import base64
 import difflib
 import hashlib
+import http.client
 import json
 import os
 import sys
@@ -16,7 +18,7 @@ import tarfile
 import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from filelock import FileLock
 
@@ -43,19 +45,38 @@ def _sdist_identity(sdist: Path) -> dict[str, Any]:
     return {"name": sdist.name, "size": sdist.stat().st_size}
 
 
-def _index_url() -> str:
-    return os.environ.get("PIP_INDEX_URL", DEFAULT_INDEX).rstrip("/") + "/"
+class _Index:
+    """The package index moerge downloads from: `PIP_INDEX_URL` or PyPI. Credentials in the URL
+    (`https://user:token@host/simple`) go into an Authorization header for that host only and are
+    never printed."""
 
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url.rstrip("/") + "/")
+        self.host = parts.hostname or ""
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
+        netloc = host + (f":{parts.port}" if parts.port else "")
+        self.url = urlunsplit(parts._replace(netloc=netloc))
+        login = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+        self.auth = "Basic " + base64.b64encode(login.encode()).decode() if parts.username else None
 
-def _sdist_url(index: str) -> str:
-    """The sdist's download address, from the package index's JSON simple API (PEP 691)."""
-    request = urllib.request.Request(urljoin(index, "bigbench/"), headers={"Accept": SIMPLE_JSON})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        files = json.load(response)["files"]
-    for entry in files:
-        if entry["filename"] == SDIST_NAME:
-            return urljoin(index, entry["url"])
-    raise MoergeError(f"bigbench: {index} lists no {SDIST_NAME}")
+    def open(self, url: str, accept: str | None = None) -> Any:
+        headers = {"Accept": accept} if accept else {}
+        if self.auth and urlsplit(url).hostname == self.host:
+            headers["Authorization"] = self.auth
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+
+    def sdist_url(self) -> str:
+        """The sdist's download address, from the index's JSON simple API (PEP 691)."""
+        with self.open(urljoin(self.url, "bigbench/"), SIMPLE_JSON) as response:
+            page = response.geturl()  # file links are relative to the project page, after redirects
+            try:
+                files = json.load(response)["files"]
+            except (ValueError, KeyError) as exc:
+                raise ValueError("the index does not answer the JSON simple API (PEP 691)") from exc
+        for entry in files:
+            if entry.get("filename") == SDIST_NAME:
+                return urljoin(page, entry["url"])
+        raise ValueError(f"the index lists no {SDIST_NAME}")
 
 
 def _download_sdist(dest: Path) -> Path:
@@ -65,12 +86,12 @@ def _download_sdist(dest: Path) -> Path:
     bigbench declares a direct-URL dependency (bleurt). Nothing is installed either way.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    sdist, index = dest / SDIST_NAME, _index_url()
+    sdist, index = dest / SDIST_NAME, _Index(os.environ.get("PIP_INDEX_URL", DEFAULT_INDEX))
     print(f"moerge: downloading the BIG-bench task files ({SDIST_NAME}, ~360 MB) into {dest}", file=sys.stderr)
     partial = dest / f".{SDIST_NAME}.{os.getpid()}.part"
     digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(_sdist_url(index), timeout=60) as response, partial.open("wb") as out:
+        with index.open(index.sdist_url()) as response, partial.open("wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with progress_bar(enabled=sys.stderr.isatty()) as bar:
                 job = bar.add_task("bigbench", total=total, info="download")
@@ -79,12 +100,11 @@ def _download_sdist(dest: Path) -> Path:
                     digest.update(chunk)
                     bar.update(job, advance=len(chunk))
         if digest.hexdigest() != SDIST_SHA256:
-            got = digest.hexdigest()
-            raise MoergeError(f"bigbench: {SDIST_NAME} from {index} has sha256 {got}, expected {SDIST_SHA256}")
+            raise ValueError(f"its sha256 is {digest.hexdigest()}, expected {SDIST_SHA256}")
         partial.replace(sdist)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, http.client.HTTPException) as exc:
         raise MoergeError(
-            f"bigbench: could not download {SDIST_NAME} from {index} ({exc}); put it at {sdist} or set {SDIST_ENV}"
+            f"bigbench: could not download {SDIST_NAME} from {index.url} ({exc}); put it at {sdist} or set {SDIST_ENV}"
         ) from exc
     finally:
         partial.unlink(missing_ok=True)

@@ -271,7 +271,9 @@ class StackedModel:
         shape = ids.shape if ids is not None else embeds.shape[:2]
         mask = kwargs.get("attention_mask")
         mask = torch.ones(shape, dtype=torch.bool) if mask is None else mask[:, -shape[1] :].bool()
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache")  # transformers 5 `generate` passes `cache=`; older ones `past_key_values=`
+        if cache is None:
+            cache = kwargs.get("past_key_values")
         prefill = cache is None or cache.get_seq_length() == 0
         self.step = Step(ids, mask, prefill, current_context())
 
