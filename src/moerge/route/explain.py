@@ -17,7 +17,7 @@ def explain_routing(
     model: Any, tokenizer: Any, tasks: Mapping[str, Sequence[Example]], *, batch_size: int = 8
 ) -> dict[str, dict[str, Any]]:
     """Per task: `overall` [K] mean weight per expert, `layers` {module: [K]}, `top1` share per expert
-    (an example whose top weight is tied between m experts counts 1/m for each, so uniform routing
+    (an example whose top weight is tied, to float noise, between m experts counts 1/m for each, so uniform routing
     reads as chance, 1/K, not as "everything to the first expert").
 
     Weights are averaged over each prompt's non-padding tokens, then over examples (and layers for
@@ -37,7 +37,7 @@ def explain_routing(
                 model(input_ids=ids, attention_mask=mask)
         layers = {module: torch.cat(rows).mean(0) for module, rows in routing.records.items()}
         per_example = torch.stack([torch.cat(rows) for rows in routing.records.values()]).mean(0)
-        top = per_example == per_example.max(-1, keepdim=True).values
+        top = torch.isclose(per_example, per_example.max(-1, keepdim=True).values, rtol=1e-5, atol=1e-7)
         top1 = (top.float() / top.sum(-1, keepdim=True)).sum(0)  # a tie for the top shares the example
         report[task] = {
             "experts": handle.expert_names,
