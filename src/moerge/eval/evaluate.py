@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -105,6 +107,18 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+@functools.cache
+def _cache_keyword_of(forward_of: type) -> str:
+    return "cache" if "cache" in inspect.signature(forward_of.forward).parameters else "past_key_values"
+
+
+def _cache_keyword(model: PreTrainedModel) -> str:
+    """The forward's name for the KV cache: `cache` in transformers 5 (`past_key_values` is deprecated
+    there and goes in 5.40), `past_key_values` before."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_keyword_of(type(inner))
+
+
 def _chunk_choice_logprobs(model, tokenizer, chunk: list[Example]) -> list[list[float]]:
     import torch
     from transformers import DynamicCache
@@ -115,13 +129,14 @@ def _chunk_choice_logprobs(model, tokenizer, chunk: list[Example]) -> list[list[
     ids, mask = _left_pad([prompt_ids(tokenizer, ex) for ex in chunk], tokenizer.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
+    cache = DynamicCache()  # filled in place by the prefill, cropped back after each choice
+    cache_kw = {_cache_keyword(model): cache}
     with torch.no_grad():
         prefill = forward_at(
-            model, 1, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            model, 1, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kw
         )
     first = torch.log_softmax(prefill.logits[:, -1].float(), dim=-1)
-    cache, lengths = prefill.past_key_values, mask.sum(-1, keepdim=True)
+    lengths = mask.sum(-1, keepdim=True)
     choices = [[answer_ids(tokenizer, ex, c) for c in ex.choices or ()] for ex in chunk]
     scores: list[list[float]] = [[] for _ in chunk]
     for k in range(max(len(c) for c in choices)):
@@ -140,8 +155,8 @@ def _chunk_choice_logprobs(model, tokenizer, chunk: list[Example]) -> list[list[
                     input_ids=cids,
                     attention_mask=torch.cat([mask, cmask], dim=1),
                     position_ids=lengths + torch.arange(longest, device=device),
-                    past_key_values=cache,
                     use_cache=True,
+                    **cache_kw,
                 )
             logprobs = torch.log_softmax(cont.logits[:, :-1].float(), dim=-1)
             picked = logprobs.gather(2, cids[:, 1:, None]).squeeze(2) * cmask[:, 1:]
