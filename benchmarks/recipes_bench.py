@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -112,24 +113,23 @@ def main() -> None:
         cfg = TrainConfig(base=base, task=labelled, method=method, lr=lr, **common)
         return lambda out: train_expert(cfg, out, progress=False)
 
+    def self_train(**options):
+        stage = {"type": "self_train", "task": labelled, "unlabelled": pool, "confidence": args.confidence, **options}
+        recipe = recipe_from_dict({"base": base, "method": "lora", "lr": 1e-3, **common, "stages": [stage]})
+        return lambda out: train_recipe(recipe, out, progress=False)
+
     runs = {
         "lora": single("lora", 1e-3),
         "hft": single("hft", 2e-5),
         "full": single("full", 2e-5),
-        "self_train (lora)": lambda out: train_recipe(
-            recipe_from_dict({
-                "base": base, "method": "lora", "lr": 1e-3, **common,
-                "stages": [{"type": "self_train", "task": labelled, "unlabelled": pool, "confidence": args.confidence}],
-            }),
-            out,
-            progress=False,
-        ),
+        "self_train (lora)": self_train(),
+        "self_train top-25% (lora)": self_train(keep_top=0.25),
     }  # fmt: skip
     chosen = [r.strip() for r in args.only.split(",") if r.strip()] or list(runs)
     results = {"base (no training)": {"score": base_score, "forgetting": 0.0, "train_time_s": 0, "trainable_params": 0}}
     for name in chosen:
         started = time.time()
-        out = work / name.replace(" ", "_").replace("(", "").replace(")", "")
+        out = work / re.sub(r"[^A-Za-z0-9_-]+", "_", name)
         runs[name](out)
         results[name] = {**measure(out, base, base_probe), "wall_s": round(time.time() - started, 1)}
         print(json.dumps({name: results[name]}), flush=True)

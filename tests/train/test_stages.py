@@ -213,6 +213,11 @@ def test_pseudo_labels_keep_confident_choices(tiny_base, tmp_path):
     assert stats["pool"] == 12 and stats["kept"] == len(kept) == 6 and "pseudo_label_accuracy" not in stats
     assert all(ex.choices == ("yes", "no") for ex in kept)  # the task's shared choices were given to the pool
 
+    top, stats = pseudo_label(model, tok, labelled, pool, confidence=0.0, keep_top=0.25)
+    most_confident = sorted(range(12), key=lambda i: -confidences[i])[:3]
+    assert sorted(ex.input for ex in top) == sorted(pool[i].input for i in most_confident)
+    assert stats["kept"] == 3 and stats["keep_top"] == 0.25
+
 
 def test_hft_stages_freeze_a_different_half_each(tiny_base, parity, tmp_path):
     meta = train_recipe(

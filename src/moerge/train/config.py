@@ -22,7 +22,7 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # so the config_hash of experts trained before they existed stays valid.
 _LATER_FIELDS = (
     "tasks", "mixing", "temperature", "weights", "per_task_loss", "type", "text", "start", "unlabelled",
-    "confidence", "pseudo_steps", "init_batches", "freeze_layers", "corda_mode", "calibration_text",
+    "confidence", "keep_top", "pseudo_steps", "init_batches", "freeze_layers", "corda_mode", "calibration_text",
 )  # fmt: skip
 
 
@@ -73,6 +73,9 @@ class TrainConfig(BaseModel):
     )
     unlabelled: str | None = Field(None, description="self_train pool: .txt (one input a line), .jsonl or a task")
     confidence: float = Field(0.0, ge=0, le=1, description="self_train: keep pseudo labels at least this confident")
+    keep_top: float | None = Field(
+        None, gt=0, le=1, description="self_train: then keep only this fraction of the pool, most confident first"
+    )
     pseudo_steps: int | None = Field(None, ge=1, description="self_train: steps on the pseudo labels (default: epochs)")
     # Method options.
     init_batches: int = Field(4, ge=1, description="training batches shown to data-driven inits (eva, corda, lora_ga)")

@@ -8,6 +8,7 @@ tokens (end token included).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,8 +120,6 @@ def label_generation(
     model, tokenizer, pool: list[Example], batch_size: int, max_new_tokens: int
 ) -> list[tuple[str, float]]:
     """(greedy answer's first line, mean probability of its tokens) per example."""
-    import math
-
     from moerge.eval.evaluate import generate_answers
 
     texts = generate_answers(
@@ -139,9 +138,12 @@ def pseudo_label(
     pool: list[Example],
     *,
     confidence: float,
+    keep_top: float | None = None,
     batch_size: int = 16,
 ) -> tuple[list[Example], dict[str, Any]]:
-    """Label `pool` with `model`; keep examples whose confidence is at least `confidence`."""
+    """Label `pool` with `model`; keep examples whose confidence is at least `confidence` and, with
+    `keep_top`, only that fraction of the pool, the most confident (a weak teacher's labels are mostly
+    wrong, but its most confident ones less so)."""
     if not pool:
         raise MoergeError("self_train: the unlabelled pool is empty")
     pool = with_choices(pool, labelled)
@@ -151,15 +153,18 @@ def pseudo_label(
     else:
         longest = max(len(answer_ids(tokenizer, ex, ex.target)) for ex in labelled.train)
         labels = label_generation(model, tokenizer, pool, batch_size, longest + 8)
+    confident = [(i, answer, conf) for i, (answer, conf) in enumerate(labels) if conf >= confidence and answer]
+    if keep_top is not None:  # the most confident fraction, back in pool order
+        confident = sorted(sorted(confident, key=lambda item: -item[2])[: math.ceil(keep_top * len(pool))])
     kept = [
-        replace(ex, target=answer, meta={"confidence": round(conf, 4), "gold": ex.target})
-        for ex, (answer, conf) in zip(pool, labels, strict=True)
-        if conf >= confidence and answer
+        replace(pool[i], target=answer, meta={"confidence": round(conf, 4), "gold": pool[i].target})
+        for i, answer, conf in confident
     ]
     stats: dict[str, Any] = {
         "pool": len(pool),
         "kept": len(kept),
         "confidence_threshold": confidence,
+        "keep_top": keep_top,
         "mean_confidence": round(sum(c for _, c in labels) / len(labels), 4),
     }
     graded = [labelled.scorer(ex.target, replace(ex, target=ex.meta["gold"])) for ex in kept if ex.meta["gold"]]

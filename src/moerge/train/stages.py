@@ -83,7 +83,7 @@ def plan(recipe: Recipe) -> list[Unit]:
             previous = add(key, "", cfg, "train", previous, cfg.start)
             continue
         labelled = cfg.model_copy(
-            update={"type": "finetune", "unlabelled": None, "confidence": 0.0, "pseudo_steps": None}
+            update={"type": "finetune", "unlabelled": None, "confidence": 0.0, "keep_top": None, "pseudo_steps": None}
         )
         teacher = add(f"{key}.1-teacher", "teacher", labelled, "train", previous, cfg.start)
         pseudo = add(f"{key}.2-pseudo", "pseudo_label", cfg, "pseudo_label", teacher, "continue")
@@ -251,9 +251,8 @@ class _Runner:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = load_start(teacher, device)
         labelled = self.task(cfg, str(cfg.task))
-        kept, stats = pseudo_label(
-            model, tokenizer, labelled, read_pool(str(cfg.unlabelled), seed=cfg.seed), confidence=cfg.confidence
-        )
+        pool = read_pool(str(cfg.unlabelled), seed=cfg.seed)
+        kept, stats = pseudo_label(model, tokenizer, labelled, pool, confidence=cfg.confidence, keep_top=cfg.keep_top)
         if not kept:
             raise MoergeError(
                 f"stage {unit.stage}: no pseudo label reached confidence {cfg.confidence} "
