@@ -71,7 +71,7 @@ def test_forward_at_slices_like_the_full_logits_when_the_model_cannot(tiny, monk
     assert torch.allclose(forward_at(model, keep, input_ids=ids, attention_mask=mask).logits, full[:, keep], atol=1e-6)
     assert torch.allclose(forward_at(model, 1, input_ids=ids, attention_mask=mask).logits, full[:, -1:], atol=1e-6)
 
-    monkeypatch.setattr("moerge.models.logits._accepts_logits_to_keep", lambda forward_of: False)
+    monkeypatch.setattr("moerge.models.logits.forward_accepts", lambda model, keyword: False)
     assert torch.allclose(forward_at(model, keep, input_ids=ids, attention_mask=mask).logits, full[:, keep], atol=1e-6)
     assert torch.allclose(forward_at(model, 1, input_ids=ids, attention_mask=mask).logits, full[:, -1:], atol=1e-6)
 

@@ -3,12 +3,14 @@ that covers the answer tokens only."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from moerge.data.task import Example
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -68,3 +70,18 @@ def encode_for_training(tokenizer: PreTrainedTokenizerBase, example: Example, ma
     answer = answer_ids(tokenizer, example, example.target)[:max_length]
     prompt = prompt[max(0, len(prompt) + len(answer) - max_length) :]
     return Encoded(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists → (ids, attention mask); left padding (the default) so generation continues
+    every row, right padding for losses over whole sequences."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask

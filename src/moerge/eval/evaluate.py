@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
-from moerge.data.prompts import answer_ids, prompt_ids
+from moerge.data.prompts import answer_ids, pad_batch, prompt_ids
 from moerge.data.task import Example, Task
 from moerge.progress import progress_bar
 
@@ -95,42 +93,19 @@ def choice_logprobs(
     return out
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
-@functools.cache
-def _cache_keyword_of(forward_of: type) -> str:
-    return "cache" if "cache" in inspect.signature(forward_of.forward).parameters else "past_key_values"
-
-
-def _cache_keyword(model: PreTrainedModel) -> str:
-    """The forward's name for the KV cache: `cache` in transformers 5 (`past_key_values` is deprecated
-    there and goes in 5.40), `past_key_values` before."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _cache_keyword_of(type(inner))
-
-
 def _chunk_choice_logprobs(model, tokenizer, chunk: list[Example]) -> list[list[float]]:
     import torch
     from transformers import DynamicCache
 
-    from moerge.models.logits import forward_at
+    from moerge.models.logits import forward_accepts, forward_at
 
     device = _device(model)
-    ids, mask = _left_pad([prompt_ids(tokenizer, ex) for ex in chunk], tokenizer.pad_token_id)
+    ids, mask = pad_batch([prompt_ids(tokenizer, ex) for ex in chunk], tokenizer.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()  # filled in place by the prefill, cropped back after each choice
-    cache_kw = {_cache_keyword(model): cache}
+    # transformers 5 names it `cache` (`past_key_values` is deprecated there and goes in 5.40)
+    cache_kw = {"cache" if forward_accepts(model, "cache") else "past_key_values": cache}
     with torch.no_grad():
         prefill = forward_at(
             model, 1, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kw
@@ -145,11 +120,8 @@ def _chunk_choice_logprobs(model, tokenizer, chunk: list[Example]) -> list[list[
         total = first.gather(1, torch.tensor([t[0] for t in tokens], device=device)[:, None]).squeeze(1)
         longest = max(len(t) for t in tokens)
         if longest > 1:
-            cids = torch.full((len(chunk), longest), tokenizer.pad_token_id, dtype=torch.long, device=device)
-            cmask = torch.zeros_like(cids)
-            for i, t in enumerate(tokens):
-                cids[i, : len(t)] = torch.tensor(t, device=device)
-                cmask[i, : len(t)] = 1
+            cids, cmask = pad_batch(tokens, tokenizer.pad_token_id, left=False)
+            cids, cmask = cids.to(device), cmask.to(device)
             with torch.no_grad():
                 cont = model(
                     input_ids=cids,
@@ -210,7 +182,7 @@ def generate_answers(
         job = bar.add_task("eval", total=len(examples), info="generation")
         for start in range(0, len(examples), batch_size):
             chunk = [prompt_ids(tokenizer, ex) for ex in examples[start : start + batch_size]]
-            ids, mask = _left_pad(chunk, tokenizer.pad_token_id)
+            ids, mask = pad_batch(chunk, tokenizer.pad_token_id)
             width = ids.shape[1]
             with torch.no_grad(), _context(batch_context, len(chunk)):
                 out = model.generate(

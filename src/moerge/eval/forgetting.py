@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from moerge.data.prompts import pad_batch
 from moerge.data.task import Example
 
 if TYPE_CHECKING:
@@ -36,12 +37,7 @@ def text_loss(
         rows = [
             tokenizer(t, add_special_tokens=True)["input_ids"][:max_length] for t in texts[start : start + batch_size]
         ]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_batch(rows, tokenizer.pad_token_id, left=False)
         ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits.float()

@@ -17,16 +17,21 @@ from moerge.data.prompts import IGNORE_INDEX
 
 
 @cache
-def _accepts_logits_to_keep(forward_of: type) -> bool:
-    return "logits_to_keep" in inspect.signature(forward_of.forward).parameters
+def _forward_parameters(model_type: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_type.forward).parameters)
+
+
+def forward_accepts(model, keyword: str) -> bool:
+    """Whether the model's own forward (under a peft wrapper, the wrapped model's) takes `keyword`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return keyword in _forward_parameters(type(inner))
 
 
 def forward_at(model, keep: int | torch.Tensor, **inputs):
     """The model's output with logits only at sequence positions `keep` (a 1-D index tensor, or an
     int n ≥ 1: the last n), through transformers' `logits_to_keep` where the model has it, else by
     slicing the full logits."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if _accepts_logits_to_keep(type(inner)):
+    if forward_accepts(model, "logits_to_keep"):
         return model(**inputs, logits_to_keep=keep)
     out = model(**inputs)
     out.logits = out.logits[:, -keep:] if isinstance(keep, int) else out.logits[:, keep]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moerge.data.prompts import prompt_ids, user_message
+from moerge.data.prompts import pad_batch, prompt_ids, user_message
 from moerge.data.task import Example
 from moerge.errors import MoergeError
 
@@ -20,18 +20,6 @@ if TYPE_CHECKING:
 
 EMBEDDERS = ("base", "minilm")
 _MINILM: dict[str, Any] = {}
-
-
-def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists → (ids, attention mask); left padding so generation continues every row."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
 
 
 def encode_prompts(tokenizer: Any, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,10 +9,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from moerge.data.prompts import IGNORE_INDEX, encode_for_training
+from moerge.data.prompts import IGNORE_INDEX, encode_for_training, pad_batch
 from moerge.data.task import Example
 from moerge.models.logits import answer_loss
-from moerge.route.embed import pad_batch
 from moerge.route.routers import RouterEnv
 from moerge.route.stacked import WeightFn
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moerge.data.prompts import answer_ids, prompt_ids
+from moerge.data.prompts import answer_ids, pad_batch, prompt_ids
 from moerge.data.task import Example, Task
 from moerge.errors import MoergeError
 
@@ -84,12 +84,7 @@ def answer_token_logprobs(
     out: list[list[float]] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        width = max(len(p) + len(a) for p, a in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, (p, a) in enumerate(chunk):
-            ids[row, : len(p) + len(a)] = torch.tensor(p + a)
-            mask[row, : len(p) + len(a)] = 1
+        ids, mask = pad_batch([p + a for p, a in chunk], pad_id, left=False)
         wanted = sorted({i for p, a in chunk for i in range(len(p) - 1, len(p) + len(a) - 1)})
         column = {position: j for j, position in enumerate(wanted)}
         keep = torch.tensor(wanted, device=device)

@@ -26,8 +26,7 @@ DESCRIBE_PROMPT = "Here are examples of a task:\n{examples}\nDescribe this task 
 
 def describe_with_chat_model(env: RouterEnv, examples: list[Example], model_path: str | None) -> str:
     """One generated sentence describing the task shown by `examples` (greedy, short)."""
-    from moerge.data.prompts import prompt_ids
-    from moerge.route.embed import pad_batch
+    from moerge.data.prompts import pad_batch, prompt_ids
 
     shown = "\n".join(f"- {ex.input} -> {ex.target}" for ex in examples[:4])
     query = Example(DESCRIBE_PROMPT.format(examples=shown), "")
