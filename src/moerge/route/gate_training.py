@@ -9,11 +9,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from moerge.data.prompts import IGNORE_INDEX, encode_for_training, pad_batch
+from moerge.data.prompts import encode_for_training
 from moerge.data.task import Example
 from moerge.models.logits import answer_loss
 from moerge.route.routers import RouterEnv
 from moerge.route.stacked import WeightFn
+from moerge.train.data import collate
 
 
 def training_batches(
@@ -25,9 +26,8 @@ def training_batches(
     out = []
     for i in range(0, len(order), batch_size):
         encoded = [encode_for_training(tokenizer, ex, max_length) for ex in order[i : i + batch_size]]
-        ids, mask = pad_batch([e.input_ids for e in encoded], tokenizer.pad_token_id, left=False)
-        labels, _ = pad_batch([e.labels for e in encoded], IGNORE_INDEX, left=False)
-        out.append((ids, mask, labels))
+        batch = collate(encoded, tokenizer.pad_token_id)
+        out.append((batch["input_ids"], batch["attention_mask"], batch["labels"]))
     return out
 
 

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from moerge.data.prompts import IGNORE_INDEX, Encoded, encode_for_training
+from moerge.data.prompts import IGNORE_INDEX, Encoded, encode_for_training, pad_batch
 from moerge.errors import MoergeError
 
 if TYPE_CHECKING:
@@ -37,16 +37,8 @@ def batch_order(n_examples: int, batch_size: int, seed: int, step: int) -> list[
 
 def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padding is masked out of attention and loss."""
-    import torch
-
-    width = max(len(e.input_ids) for e in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, e in enumerate(items):
-        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[row, : len(e.labels)] = torch.tensor(e.labels)
-        mask[row, : len(e.input_ids)] = 1
+    ids, mask = pad_batch([e.input_ids for e in items], pad_id, left=False)
+    labels, _ = pad_batch([e.labels for e in items], IGNORE_INDEX, left=False)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
