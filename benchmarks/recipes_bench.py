@@ -57,7 +57,7 @@ def write_split_task(spec: str, folder: Path, n_train: int, n_test: int) -> str:
 
 def measure(folder: Path, base: str, base_probe: float) -> dict:
     from moerge.library.expert import read_expert_meta
-    from moerge.models.experts import load_model
+    from moerge.library.loading import load_model
 
     meta = read_expert_meta(folder)
     model, tok = load_model(base, folder)
@@ -87,9 +87,9 @@ def main() -> None:
     from moerge.data import load_task
     from moerge.eval.evaluate import evaluate_task
     from moerge.models import fetch_model, load_base
-    from moerge.train import TrainConfig, train_expert
+    from moerge.recipes.train import train_expert, train_recipe
+    from moerge.train import TrainConfig
     from moerge.train.config import recipe_from_dict
-    from moerge.train.stages import train_recipe
 
     base = str(fetch_model(args.base)) if "/" not in args.base else args.base
     work = Path(tempfile.mkdtemp(prefix="recipes_bench."))

@@ -83,7 +83,7 @@ def agreement(models: dict[str, torch.nn.Module]) -> float:
 
 def use_exact_prototypes(models: dict[str, torch.nn.Module]) -> None:
     """Give peft's Arrow moerge's exact-SVD prototypes (peft uses 15 power iterations)."""
-    from moerge.route.routers import module_key
+    from moerge.route.router import module_key
 
     state = models["moerge routed"].moerge_routing.routing.router.state
     for name, module in models["peft Arrow"].base_model.model.named_modules():

@@ -22,7 +22,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def run_moerge(args: argparse.Namespace) -> dict:
-    from moerge.train import TrainConfig, train_expert
+    from moerge.recipes.train import train_expert
+    from moerge.train import TrainConfig
 
     cfg = TrainConfig(
         base=args.base,
@@ -55,7 +56,7 @@ def run_plain(args: argparse.Namespace) -> dict:
     from moerge.data import load_task
     from moerge.data.prompts import encode_for_training
     from moerge.models import resolve_base
-    from moerge.train.loop import batch_order
+    from moerge.train.data import batch_order
 
     where = resolve_base(args.base)
     tokenizer = AutoTokenizer.from_pretrained(where)

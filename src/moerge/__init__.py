@@ -1,13 +1,8 @@
 """moerge: train, keep, merge, route and compare fine-tuned experts on one base model."""
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-try:
-    __version__ = version("moerge")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0"
-
+from moerge._version import __version__
 from moerge.errors import MoergeError
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import moerge.models
+import moerge.library.peft_import
 from moerge.cli.main import app
 from moerge.errors import MoergeError
 from moerge.library import ExpertLibrary
@@ -43,7 +43,7 @@ def test_help(command) -> None:
 
 
 def test_full_workflow(tmp_path, adapter, monkeypatch) -> None:
-    monkeypatch.setattr(moerge.models, "fingerprint", testkit.fake_fingerprint, raising=False)
+    monkeypatch.setattr(moerge.library.peft_import, "fingerprint", testkit.fake_fingerprint)
     lib = tmp_path / "lib"
     assert invoke("create", lib).exit_code == 0
     src = testkit.make_expert(tmp_path / "e", adapter, name="e", task="add", metrics={"acc": 0.75})

@@ -9,14 +9,14 @@ import pytest
 from library_testkit import fake_fingerprint, make_adapter
 from safetensors import safe_open
 
-import moerge.models
+import moerge.library.peft_import as peft_import
 from moerge.errors import MoergeError
 from moerge.library import ExpertLibrary
 
 
 @pytest.fixture(autouse=True)
 def fingerprints(monkeypatch) -> None:
-    monkeypatch.setattr(moerge.models, "fingerprint", fake_fingerprint, raising=False)
+    monkeypatch.setattr(peft_import, "fingerprint", fake_fingerprint)
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +96,14 @@ def test_import_refuses_pickles_and_non_adapters(tmp_path, adapters) -> None:
 
 
 def test_real_fingerprints_accept_true_base_and_refuse_another(tmp_path, tiny_base, monkeypatch) -> None:
-    """With moerge.models.fingerprint itself: the adapter's recorded base folder decides."""
+    """With the real fingerprint (moerge.models.loading): the adapter's recorded base folder decides."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from helpers import make_tiny_base
     from moerge.models.loading import fingerprint
 
-    monkeypatch.setattr(moerge.models, "fingerprint", fingerprint)
+    monkeypatch.setattr(peft_import, "fingerprint", fingerprint)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), LoraConfig(r=2, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(

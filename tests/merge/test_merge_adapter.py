@@ -65,7 +65,7 @@ def test_linear_concat_is_exact_and_loads_in_peft(experts: dict[str, Path], tiny
     assert meta.provenance["sources"][1]["task"] == "task-b" and meta.hyperparameters["exact"] is True
     assert meta.base.fingerprint == check_expert_intact(experts["a"]).base.fingerprint
     assert result.reconstruction_error == {}
-    from moerge.models.experts import load_model  # what `moerge eval --adapter` uses
+    from moerge.library.loading import load_model  # what `moerge eval --adapter` uses
 
     loaded, _ = load_model(tiny_base, result.path)
     with torch.no_grad():

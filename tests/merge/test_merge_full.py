@@ -49,7 +49,7 @@ def test_full_merge_equals_base_plus_update(experts: dict[str, Path], tiny_base:
     meta = check_expert_intact(result.path)
     assert meta.kind == "full" and meta.method == "merge:task_arithmetic"
     assert meta.base.fingerprint == check_expert_intact(experts["a"]).base.fingerprint
-    from moerge.models.experts import load_model  # what `moerge eval --adapter` uses
+    from moerge.library.loading import load_model  # what `moerge eval --adapter` uses
 
     model, _ = load_model(tiny_base, result.path)
     torch.testing.assert_close(

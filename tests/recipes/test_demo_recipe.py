@@ -30,7 +30,7 @@ def test_router_benchmark_recipe_runs_on_the_demo_experts(tmp_path):
     and cached scores; only the strategies differ (every router of the routing issue)."""
     from pathlib import Path
 
-    from moerge.eval.protocol import load_compare_recipe
+    from moerge.recipes.protocol import load_compare_recipe
 
     demo = packaged_recipe(tmp_path)
     routers = load_compare_recipe(Path(__file__).parents[2] / "benchmarks" / "routers.yaml")

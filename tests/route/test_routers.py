@@ -13,7 +13,7 @@ from moerge.route import Routing, attach_experts, prepare_router, router_names, 
 from moerge.route.embed import encode_prompts
 from moerge.route.explain import explain_routing, routing_accuracy
 from moerge.route.folder import make_policy
-from moerge.route.routers import module_key
+from moerge.route.router import module_key
 from moerge.route.routers.learned import load_balancing_loss
 from moerge.route.stacked import Step
 

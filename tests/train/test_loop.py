@@ -7,9 +7,10 @@ from safetensors.torch import load_file
 from helpers import addition_rows, parity_rows, write_task
 from moerge.errors import MoergeError
 from moerge.library.expert import read_expert_meta, verify_expert_files
-from moerge.train import METHODS, TrainConfig, train_expert
+from moerge.recipes.train import train_expert
+from moerge.train import METHODS, TrainConfig
 from moerge.train.checkpoint import checkpoint_dir_for
-from moerge.train.loop import batch_order
+from moerge.train.data import batch_order
 
 
 def _cfg(base, task, **kw) -> TrainConfig:
@@ -42,7 +43,7 @@ def test_pissa_expert_reproduces_trained_model_on_original_base(tiny_base, parit
     """The converted PiSSA adapter must act on the *unmodified* base like the trained residual model."""
     from moerge.data import load_task
     from moerge.eval.evaluate import evaluate_task
-    from moerge.models.experts import load_model
+    from moerge.library.loading import load_model
 
     cfg = _cfg(tiny_base, parity, method="pissa", eval_limit=None)
     meta = train_expert(cfg, tmp_path / "p", progress=False)
@@ -78,9 +79,8 @@ def test_loss_goes_down(tiny_base, tmp_path):
 
 def _first_loss(base, task) -> float:
     from moerge.data import load_task
-    from moerge.data.prompts import encode_for_training
+    from moerge.data.prompts import collate, encode_for_training
     from moerge.models import load_base
-    from moerge.train.loop import collate
 
     model, tok = load_base(base)
     examples = load_task(task).train[:16]

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from helpers import make_tiny_base, parity_rows, write_task
 from moerge.errors import MoergeError
-from moerge.train import TrainConfig, get_method, train_expert
+from moerge.recipes.train import train_expert
+from moerge.train import TrainConfig, get_method
 from moerge.train.methods.base import InitData
 from moerge.train.methods.partial import hft_choice, layer_matrices
 
@@ -117,7 +118,7 @@ def test_residual_inits_save_a_lora_for_the_original_base(tiny_base, parity, tmp
     """
     import json
 
-    from moerge.models.experts import load_model
+    from moerge.library.loading import load_model
 
     ids = torch.randint(0, 200, (2, 12))
     base, _ = load_model(tiny_base)
@@ -133,8 +134,9 @@ def test_residual_inits_save_a_lora_for_the_original_base(tiny_base, parity, tmp
 def test_eva_initialises_a_from_the_input_activations(tiny_base, parity, tmp_path):
     """A's rows span the top principal directions of the layer's inputs on the init batches."""
     from moerge.data import load_task
+    from moerge.data.prompts import collate
     from moerge.models import load_base
-    from moerge.train.data import collate, task_data
+    from moerge.train.data import task_data
 
     cfg = _cfg(tiny_base, parity, method="eva", rank=4, lr=1e-12, target_modules=["q_proj"], init_batches=2)
     train_expert(cfg, tmp_path / "e", progress=False)
@@ -167,8 +169,9 @@ def test_corda_without_attrs_says_what_is_missing(tiny_base, parity, tmp_path):
 def test_corda_modes_move_different_components_out_of_w(tiny_base, parity, tmp_path):
     """Both modes leave W = W_residual + scale·B0·A0, but take different singular components."""
     from moerge.data import load_task
+    from moerge.data.prompts import collate
     from moerge.models import load_base
-    from moerge.train.data import collate, task_data
+    from moerge.train.data import task_data
 
     inits = []
     for mode in ("ipm", "kpm"):

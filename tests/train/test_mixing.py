@@ -7,7 +7,8 @@ import torch
 
 from helpers import addition_rows, parity_rows, write_task
 from moerge.errors import MoergeError
-from moerge.train import TrainConfig, train_expert
+from moerge.recipes.train import train_expert
+from moerge.train import TrainConfig
 from moerge.train.data import MixtureSampler, mixing_probs
 from moerge.train.loop import batch_loss
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from moerge.progress import output_console
 
@@ -23,9 +22,10 @@ def compare(
     Writes results.json, results.csv, report.md and report.html (self-contained) into --out. Scores are
     cached by content: rerunning reuses them, a killed run resumes, a changed expert is re-scored.
     """
-    from moerge.eval.compare import run_compare
-    from moerge.eval.protocol import load_compare_recipe
+    from moerge.recipes.compare import run_compare
     from moerge.recipes.demo import packaged_recipe
+    from moerge.recipes.protocol import load_compare_recipe
+    from moerge.recipes.report import results_table
 
     loaded = load_compare_recipe(recipe) if recipe else packaged_recipe(out)
     results = run_compare(loaded, out)
@@ -35,11 +35,3 @@ def compare(
     console.print(results_table(results))
     console.print(f"report: {(out / 'report.html').resolve()}")
 
-
-def results_table(results: dict) -> Table:
-    from moerge.eval.report import COLUMNS, fmt
-
-    table = Table(*[label for _, label in COLUMNS], title="moerge compare (95% intervals in brackets)")
-    for row in results["rows"]:
-        table.add_row(*[fmt(key, row.get(key)) for key, _ in COLUMNS])
-    return table

@@ -16,7 +16,7 @@ console = Console()
 def _load(base: str, adapter: Path | None, router: Path | None):
     if adapter is not None and router is not None:
         raise MoergeError("give --adapter or --router, not both")
-    from moerge.models.experts import load_model
+    from moerge.library.loading import load_model
 
     if router is not None:
         from moerge.route import load_routed

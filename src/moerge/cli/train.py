@@ -44,9 +44,9 @@ def train(
     json_out: bool = typer.Option(False, "--json", help="print the expert's metadata as JSON"),
 ) -> None:
     """Train an expert and write its folder (peft files + moerge.json); recipes may chain stages."""
-    from moerge.train import TrainConfig, load_recipe, train_expert
+    from moerge.recipes.train import train_expert, train_recipe
+    from moerge.train import TrainConfig, load_recipe
     from moerge.train.config import Recipe, config_from_dict
-    from moerge.train.stages import train_recipe
 
     options = {
         "base": base,
@@ -96,8 +96,8 @@ def train_library_command(
     json_out: bool = typer.Option(False, "--json", help="print what was trained or reused as JSON"),
 ) -> None:
     """Train one expert per task of a recipe into a library; reruns skip finished experts and resume."""
-    from moerge.library.recipe import load_recipe as load_library_recipe
-    from moerge.train.library import train_library
+    from moerge.recipes.library import load_recipe as load_library_recipe
+    from moerge.recipes.library import train_library
 
     outcome = train_library(load_library_recipe(recipe))
     if json_out:

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from filelock import FileLock
 
-from moerge.data.loaders import RawTask, task_source
+from moerge.data.sources import RawTask, task_source
 from moerge.data.task import Example
 from moerge.errors import MoergeError
 from moerge.paths import atomic_directory, moerge_home, write_json_atomic

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from moerge.data.loaders import SPLITS, RawTask, task_source
+from moerge.data.sources import SPLITS, RawTask, task_source
 from moerge.data.task import Example
 from moerge.errors import MoergeError
 

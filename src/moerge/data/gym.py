@@ -10,7 +10,7 @@ import difflib
 from typing import Any
 from urllib.parse import parse_qsl
 
-from moerge.data.loaders import RawTask, task_source
+from moerge.data.sources import RawTask, task_source
 from moerge.data.task import Example
 from moerge.errors import MoergeError
 

@@ -1,77 +1,25 @@
-"""`load_task(spec)`: one registry of task sources, chosen by the spec's prefix or file suffix.
-
-A source turns a spec into `RawTask` (examples, optionally already split); `load_task` then applies
-the shared rules once: seeded `limit`, deterministic splitting, missing splits cut from train.
-A new source is one function plus `@task_source(...)`; nothing else changes.
+"""`load_task(spec)`: the source registered for the spec (see `moerge.data.sources`) gives `RawTask`
+examples, optionally already split; `load_task` then applies the shared rules once: seeded `limit`,
+deterministic splitting, missing splits cut from train.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from moerge.data.task import Example, Scorer, Task, exact_match, split_examples
+from moerge.data import bigbench, files, gym  # noqa: F401  (importing them registers the built-in sources)
+from moerge.data.sources import SOURCES, SPLITS, RawTask, TaskSource
+from moerge.data.task import Example, Task, split_examples
 from moerge.errors import MoergeError
-
-SPLITS = ("train", "validation", "test")
-
-
-@dataclass
-class RawTask:
-    """What a source yields: examples, or `presplit` examples when the data names its own splits."""
-
-    name: str
-    examples: list[Example] = field(default_factory=list)
-    presplit: dict[str, list[Example]] | None = None
-    scorer: Scorer = exact_match
-    description: str = ""
-
-
-Loader = Callable[[str], RawTask]
-
-
-@dataclass(frozen=True)
-class TaskSource:
-    """How a spec is recognised (`prefix:`, file suffix or folder) and loaded."""
-
-    name: str
-    usage: str
-    load: Loader
-    prefix: str | None = None
-    suffixes: tuple[str, ...] = ()
-    folder: bool = False
-
-
-SOURCES: dict[str, TaskSource] = {}
-
-
-def task_source(
-    name: str, *, usage: str, prefix: str | None = None, suffixes: tuple[str, ...] = (), folder: bool = False
-) -> Callable[[Loader], Loader]:
-    """Register a loader; `usage` is what error messages show users as the accepted form."""
-
-    def register(fn: Loader) -> Loader:
-        SOURCES[name] = TaskSource(name, usage, fn, prefix, suffixes, folder)
-        return fn
-
-    return register
-
-
-def _ensure_registered() -> None:
-    """Import the built-in source modules (their decorators fill SOURCES)."""
-    from moerge.data import bigbench, files, gym  # noqa: F401
 
 
 def known_sources() -> str:
-    _ensure_registered()
     return ", ".join(src.usage for src in SOURCES.values())
 
 
 def resolve_source(spec: str) -> TaskSource:
     """Pick the source for `spec`: explicit prefix first, then file suffix, then an existing folder."""
-    _ensure_registered()
     prefix, sep, _ = spec.partition(":")
     if sep:
         for src in SOURCES.values():

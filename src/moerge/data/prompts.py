@@ -85,3 +85,10 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool = True) 
         ids[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
     return ids, mask
+
+
+def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding is masked out of attention and loss."""
+    ids, mask = pad_batch([e.input_ids for e in items], pad_id, left=False)
+    labels, _ = pad_batch([e.labels for e in items], IGNORE_INDEX, left=False)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

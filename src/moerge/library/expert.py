@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from moerge._version import __version__
 from moerge.errors import MoergeError
 from moerge.paths import parse_json, write_json_atomic
 
@@ -77,8 +78,6 @@ def payload_files(folder: Path) -> list[str]:
 
 def write_expert_meta(folder: Path, meta: ExpertMeta) -> ExpertMeta:
     """Hash the folder's files into `meta.files` and write `moerge.json` atomically."""
-    from moerge import __version__
-
     folder = Path(folder)
     meta = meta.model_copy(
         update={

@@ -14,21 +14,12 @@ from typing import Any
 
 from moerge.errors import MoergeError
 from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo
+from moerge.models import fingerprint
 from moerge.paths import parse_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 UNKNOWN = "unknown"
-
-
-def fingerprint(name_or_path: str) -> str:
-    """The base model's fingerprint via `moerge.models.fingerprint` (looked up at call time)."""
-    from moerge import models
-
-    func = getattr(models, "fingerprint", None)
-    if func is None:
-        raise MoergeError("moerge.models.fingerprint is not available in this install; cannot check the base")
-    return func(name_or_path)
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:

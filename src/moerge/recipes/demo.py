@@ -8,8 +8,10 @@ from typing import Any
 
 from rich.table import Table
 
-from moerge.eval.protocol import CompareRecipe, load_compare_recipe
 from moerge.progress import output_console
+from moerge.recipes.compare import run_compare
+from moerge.recipes.protocol import CompareRecipe, load_compare_recipe
+from moerge.recipes.report import experts_rows, results_table
 
 console = output_console()
 
@@ -21,8 +23,6 @@ def packaged_recipe(out: Path) -> CompareRecipe:
 
 
 def run_demo(recipe_path: Path | None, out: Path) -> dict[str, Any]:
-    from moerge.cli.compare import results_table
-    from moerge.eval.compare import run_compare
     from moerge.models import PACKAGED, fetch_model
 
     recipe = load_compare_recipe(recipe_path) if recipe_path else packaged_recipe(out)
@@ -37,8 +37,6 @@ def run_demo(recipe_path: Path | None, out: Path) -> dict[str, Any]:
 
 def experts_table(results: dict[str, Any]) -> Table:
     """Base vs each task's own expert, with what the expert cost to train (the report's rows)."""
-    from moerge.eval.report import experts_rows
-
     header, body = experts_rows(results)
     table = Table(*header, title="each held-in task: base vs its LoRA expert (test split)")
     for row in body:

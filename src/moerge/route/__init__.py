@@ -7,7 +7,7 @@ with routing_context(task_ids=["chain_sum"]):   # only the oracle (and task gran
 
 from moerge.route.folder import build_router, load_routed, prepare_router, read_router_config
 from moerge.route.policies import Policy
-from moerge.route.routers import ROUTERS, Router, register_router, router_names
+from moerge.route.router import ROUTERS, Router, register_router, router_names
 from moerge.route.routing import Routing
 from moerge.route.stacked import (
     SparseRouting,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from moerge.route.routers import RouterEnv
+from moerge.route.router import RouterEnv
 
 Tensors = dict[str, torch.Tensor]
 

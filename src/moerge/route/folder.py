@@ -13,7 +13,7 @@ from typing import Any
 from moerge.errors import MoergeError
 from moerge.paths import atomic_directory, parse_json, write_json_atomic
 from moerge.route.policies import Policy
-from moerge.route.routers import Router, RouterEnv, get_router
+from moerge.route.router import Router, RouterEnv, get_router
 from moerge.route.routing import Routing
 from moerge.route.stacked import StackedModel, attach_experts
 

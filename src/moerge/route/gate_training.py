@@ -9,12 +9,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from moerge.data.prompts import encode_for_training
+from moerge.data.prompts import collate, encode_for_training
 from moerge.data.task import Example
 from moerge.models.logits import answer_loss
-from moerge.route.routers import RouterEnv
+from moerge.route.router import RouterEnv
 from moerge.route.stacked import WeightFn
-from moerge.train.data import collate
 
 
 def training_batches(

@@ -11,7 +11,7 @@ from collections import defaultdict
 import torch
 
 from moerge.route.policies import Policy, pool_examples, pool_tasks
-from moerge.route.routers import Router
+from moerge.route.router import Router
 from moerge.route.stacked import StackedModel, Step
 
 

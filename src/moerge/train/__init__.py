@@ -1,7 +1,10 @@
-"""Training experts: settings, the methods registry and the resumable loop."""
+"""The training engine: settings, the methods registry and the resumable loop (`fit`).
+
+End-to-end flows (one expert, a multi-stage recipe, a library) are in `moerge.recipes`.
+"""
 
 from moerge.train.config import TrainConfig, load_recipe
-from moerge.train.loop import train_expert
+from moerge.train.loop import fit
 from moerge.train.methods import METHODS, get_method
 
-__all__ = ["METHODS", "TrainConfig", "get_method", "load_recipe", "train_expert"]
+__all__ = ["METHODS", "TrainConfig", "fit", "get_method", "load_recipe"]

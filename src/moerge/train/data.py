@@ -13,11 +13,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from moerge.data.prompts import IGNORE_INDEX, Encoded, encode_for_training, pad_batch
+from moerge.data.prompts import Encoded, encode_for_training
 from moerge.errors import MoergeError
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
     from moerge.data.task import Task
@@ -33,13 +32,6 @@ def batch_order(n_examples: int, batch_size: int, seed: int, step: int) -> list[
         perm = _permutation(n_examples, seed * 100_003 + epoch)
         out.extend(perm[offset : offset + batch_size - len(out)])
     return out
-
-
-def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padding is masked out of attention and loss."""
-    ids, mask = pad_batch([e.input_ids for e in items], pad_id, left=False)
-    labels, _ = pad_batch([e.labels for e in items], IGNORE_INDEX, left=False)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 @lru_cache(maxsize=64)

@@ -1,4 +1,5 @@
-"""Training one expert (or one stage): a plain PyTorch loop (no Trainer) so resume and cost accounting are exact.
+"""`fit`: training one expert (or one stage) in a plain PyTorch loop (no Trainer), so resume and cost
+accounting are exact.
 
 Data order is a function of (seed, step), so a resumed run sees the same batches it would have.
 """
@@ -15,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moerge.data.prompts import collate
 from moerge.errors import MoergeError
 from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo, write_expert_meta
 from moerge.paths import atomic_directory
 from moerge.progress import progress_bar
 from moerge.train.checkpoint import TrainState, checkpoint_dir_for, has_checkpoint, load_checkpoint, save_checkpoint
 from moerge.train.config import TrainConfig
-from moerge.train.data import TrainingData, batch_order, collate, task_data, text_data, text_hash
+from moerge.train.data import TrainingData, task_data, text_data, text_hash
 from moerge.train.methods import get_method
 from moerge.train.methods.base import InitData
 
@@ -30,9 +32,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from moerge.data.task import Task
-
-__all__ = ["Start", "batch_order", "collate", "run_training", "train_expert"]
-
 
 @dataclass(frozen=True)
 class Start:
@@ -77,60 +76,7 @@ def total_steps_for(cfg: TrainConfig, n_train: int) -> int:
     return cfg.steps or max(1, math.ceil(cfg.epochs * n_train / cfg.batch_size))
 
 
-def claim_output(out: Path, *, resume: bool, restart: bool, overwrite: bool, started: bool) -> None:
-    """Refuse to clobber an expert or silently drop an interrupted run (`started`: one left progress)."""
-    if out.exists() and not overwrite:
-        raise MoergeError(f"{out}: already exists (pass --overwrite to replace it)")
-    workdir = checkpoint_dir_for(out)
-    if started and not resume:
-        if not restart:
-            raise MoergeError(f"{out}: an interrupted run left a checkpoint; pass --resume to continue or --restart")
-        shutil.rmtree(workdir)
-
-
-def train_expert(
-    cfg: TrainConfig,
-    out: Path,
-    *,
-    resume: bool = False,
-    restart: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    device: str | None = None,
-) -> ExpertMeta:
-    """Train `cfg.method` on `cfg`'s data and write the expert folder `out` (atomically).
-
-    Pretraining and self-training configs run as a one-stage recipe (see `moerge.train.stages`).
-    """
-    from moerge.data.loaders import load_task
-
-    out = Path(out)
-    if cfg.type != "finetune":
-        from moerge.train.config import Recipe
-        from moerge.train.stages import train_recipe
-
-        recipe = Recipe(base=cfg.base, name=cfg.name, stages=[cfg])
-        return train_recipe(
-            recipe, out, resume=resume, restart=restart, overwrite=overwrite, progress=progress, device=device
-        )
-    get_method(cfg.method)  # unknown methods fail before anything loads
-    claim_output(
-        out, resume=resume, restart=restart, overwrite=overwrite, started=has_checkpoint(checkpoint_dir_for(out))
-    )
-    tasks = [load_task(spec, seed=cfg.seed, limit=cfg.limit) for spec in cfg.task_specs]
-    return run_training(
-        cfg,
-        out,
-        start=Start(cfg.base),
-        tasks=tasks,
-        resume=resume,
-        overwrite=overwrite,
-        progress=progress,
-        device=device,
-    )
-
-
-def run_training(
+def fit(
     cfg: TrainConfig,
     out: Path,
     *,

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from moerge.route.routers import Router, RouterEnv, module_key, register_router
+from moerge.route.router import Router, RouterEnv, module_key, register_router
 
 
 def lora_prototype(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from moerge.route.embed import Embedder
-from moerge.route.routers import Router, RouterEnv, register_router
+from moerge.route.router import Router, RouterEnv, register_router
 from moerge.route.stacked import Step
 
 

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from moerge.route.routers import RouterEnv, register_router
+from moerge.route.router import RouterEnv, register_router
 from moerge.route.routers.centroid import EmbeddingRouter
 from moerge.route.stacked import Step
 

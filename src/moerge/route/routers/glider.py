@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from moerge.data.task import Example
 from moerge.errors import MoergeError
-from moerge.route.routers import RouterEnv, register_router
+from moerge.route.router import RouterEnv, register_router
 from moerge.route.routers.centroid import EmbeddingRouter
 from moerge.route.routers.phatgoose import PhatgooseRouter
 from moerge.route.stacked import Step

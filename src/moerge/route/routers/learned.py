@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from moerge.route.policies import Policy
-from moerge.route.routers import Router, RouterEnv, module_key, register_router
+from moerge.route.router import Router, RouterEnv, module_key, register_router
 
 
 def load_balancing_loss(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

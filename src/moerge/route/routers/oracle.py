@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 
 from moerge.errors import MoergeError
-from moerge.route.routers import Router, RouterEnv, register_router
+from moerge.route.router import Router, RouterEnv, register_router
 from moerge.route.stacked import Step
 
 

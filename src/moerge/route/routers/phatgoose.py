@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from moerge.route.routers import Router, RouterEnv, module_key, register_router
+from moerge.route.router import Router, RouterEnv, module_key, register_router
 
 
 def standardise(v: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from moerge.route.routers import Router, register_router
+from moerge.route.router import Router, register_router
 from moerge.route.stacked import Step
 
 

@@ -106,8 +106,8 @@ class Corda(ResidualInitMethod):
 
 def calibration_batches(tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, model: nn.Module) -> list[Batch]:
     """`init_batches` batches of `max_length`-token blocks of the calibration text (CorDA's KPM)."""
-    from moerge.data.prompts import Encoded
-    from moerge.train.data import collate, text_chunks
+    from moerge.data.prompts import Encoded, collate
+    from moerge.train.data import text_chunks
 
     chunks = text_chunks(list(cfg.calibration_text or []), tokenizer, cfg.max_length)
     device = next(model.parameters()).device

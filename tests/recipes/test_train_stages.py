@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from helpers import parity_rows, write_jsonl, write_task
 from moerge.errors import MoergeError
+from moerge.recipes.train import train_recipe
 from moerge.train.config import Recipe, load_recipe, recipe_from_dict
-from moerge.train.stages import train_recipe
 
 FAST = {"batch_size": 4, "max_length": 48, "lr": 5e-3, "rank": 4, "eval_limit": 2, "checkpoint_every": 2}
 
@@ -88,8 +88,8 @@ def test_merge_folds_stage_one_into_the_weights(tiny_base, parity, tmp_path):
 
 
 def test_interrupted_stage_resumes_and_finished_stage_is_kept(tiny_base, parity, tmp_path, monkeypatch):
+    import moerge.recipes.train as stages
     import moerge.train.loop as loop
-    import moerge.train.stages as stages
 
     recipe = _recipe(tiny_base, {"task": parity, "steps": 3}, {"task": parity, "steps": 5, "eval_split": None})
     straight = train_recipe(recipe, tmp_path / "straight", progress=False)
@@ -110,9 +110,9 @@ def test_interrupted_stage_resumes_and_finished_stage_is_kept(tiny_base, parity,
         train_recipe(recipe, tmp_path / "r", progress=False)
     monkeypatch.setattr(loop, "lr_factor", real)
     trained = []
-    original = stages.run_training
+    original = stages.fit
     monkeypatch.setattr(
-        stages, "run_training", lambda cfg, out, **kw: trained.append(out.name) or original(cfg, out, **kw)
+        stages, "fit", lambda cfg, out, **kw: trained.append(out.name) or original(cfg, out, **kw)
     )
     meta = train_recipe(recipe, tmp_path / "r", resume=True, progress=False)
     assert trained == ["02-stage2"]  # stage 1 finished before the crash: kept, not redone

@@ -1,4 +1,5 @@
-"""Multi-stage recipes: stages run in order, each starting from the previous stage's result.
+"""Training flows: one expert (`train_expert`), or a multi-stage recipe whose stages run in order, each
+starting from the previous stage's result (`train_recipe`).
 
 A stage `continue`s the previous adapter (keeps training it) or `merge`s it into the weights first
 and then applies its own method. A full-weight stage's result simply becomes the next base.
@@ -26,6 +27,7 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from moerge.data.loaders import load_task
 from moerge.errors import MoergeError
 from moerge.library.expert import (
     METADATA_FILE,
@@ -36,9 +38,9 @@ from moerge.library.expert import (
     write_expert_meta,
 )
 from moerge.paths import atomic_directory, write_json_atomic
-from moerge.train.checkpoint import checkpoint_dir_for
+from moerge.train.checkpoint import checkpoint_dir_for, has_checkpoint
 from moerge.train.config import Recipe, TrainConfig
-from moerge.train.loop import Start, claim_output, load_start, run_training
+from moerge.train.loop import Start, fit, load_start
 from moerge.train.methods import get_method
 
 console = Console(stderr=True)
@@ -116,6 +118,54 @@ def _check_start(recipe: Recipe, index: int) -> None:
         )
 
 
+def claim_output(out: Path, *, resume: bool, restart: bool, overwrite: bool, started: bool) -> None:
+    """Refuse to clobber an expert or silently drop an interrupted run (`started`: one left progress)."""
+    if out.exists() and not overwrite:
+        raise MoergeError(f"{out}: already exists (pass --overwrite to replace it)")
+    workdir = checkpoint_dir_for(out)
+    if started and not resume:
+        if not restart:
+            raise MoergeError(f"{out}: an interrupted run left a checkpoint; pass --resume to continue or --restart")
+        shutil.rmtree(workdir)
+
+
+def train_expert(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    restart: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+) -> ExpertMeta:
+    """Train `cfg.method` on `cfg`'s data and write the expert folder `out` (atomically).
+
+    Pretraining and self-training configs run as a one-stage recipe (`train_recipe`).
+    """
+    out = Path(out)
+    if cfg.type != "finetune":
+        recipe = Recipe(base=cfg.base, name=cfg.name, stages=[cfg])
+        return train_recipe(
+            recipe, out, resume=resume, restart=restart, overwrite=overwrite, progress=progress, device=device
+        )
+    get_method(cfg.method)  # unknown methods fail before anything loads
+    claim_output(
+        out, resume=resume, restart=restart, overwrite=overwrite, started=has_checkpoint(checkpoint_dir_for(out))
+    )
+    tasks = [load_task(spec, seed=cfg.seed, limit=cfg.limit) for spec in cfg.task_specs]
+    return fit(
+        cfg,
+        out,
+        start=Start(cfg.base),
+        tasks=tasks,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        device=device,
+    )
+
+
 def child_start(parent: Start, result: Path, kind: str, mode: str) -> Start:
     """Where a unit starts, given its parent's start, result folder and kind."""
     if kind == "full":
@@ -166,8 +216,6 @@ class _Runner:
         self._tasks: dict[str, Any] = {}
 
     def task(self, cfg: TrainConfig, spec: str):
-        from moerge.data.loaders import load_task
-
         key = f"{spec}|{cfg.seed}|{cfg.limit}"
         if key not in self._tasks:
             self._tasks[key] = load_task(spec, seed=cfg.seed, limit=cfg.limit)
@@ -225,7 +273,7 @@ class _Runner:
             from moerge.train.pseudo import read_pseudo
 
             tasks = [read_pseudo(self.stages_dir / str(unit.pseudo_from) / PSEUDO_FILE, labelled[0])]
-        return run_training(
+        return fit(
             cfg,
             folder,
             start=start,

@@ -19,8 +19,8 @@ from typing import Any
 from rich.console import Console
 
 from moerge.data.task import Task
-from moerge.eval.protocol import CompareRecipe, Strategy
 from moerge.paths import write_json_atomic
+from moerge.recipes.protocol import CompareRecipe, Strategy
 
 console = Console(stderr=True)
 CACHE_VERSION = 1
@@ -93,9 +93,8 @@ def prepare_workspace(recipe: CompareRecipe, out: Path, *, progress: bool = True
     """Fetch the base, train (or reuse) the held-in experts, load every task with its training split."""
     from moerge.data.loaders import load_task
     from moerge.library import ExpertLibrary
-    from moerge.library.recipe import LibraryRecipe
     from moerge.models import fingerprint, resolve_base
-    from moerge.train.library import entry_config, train_library
+    from moerge.recipes.library import LibraryRecipe, entry_config, train_library
 
     base_path = resolve_base(recipe.base)
     lib_recipe = LibraryRecipe(
@@ -124,8 +123,8 @@ def prepare_workspace(recipe: CompareRecipe, out: Path, *, progress: bool = True
 
 def _multitask_expert(ws: Workspace, strategy: Strategy) -> Path:
     """One adapter on the held-in mixture with the step budget of all experts together."""
+    from moerge.recipes.library import ensure_expert
     from moerge.train.config import config_from_dict
-    from moerge.train.library import ensure_expert
 
     hp = dict(ws.recipe.hyperparameters)
     steps = int(hp.pop("steps", 100)) * len(ws.held_in)
@@ -194,8 +193,8 @@ def load_strategy_model(ws: Workspace, strategy: Strategy, task: str | None = No
     Single adapters are merged into the weights for evaluation (same function, base-model speed);
     their size is read from the adapter file.
     """
+    from moerge.library.loading import load_model
     from moerge.models import load_base
-    from moerge.models.experts import load_model
 
     if strategy.kind == "base":
         return (*load_base(ws.base_path), {"added_params": 0, "active_params": 0})
@@ -341,7 +340,7 @@ def expert_cost(meta: Any) -> dict[str, Any]:
 
 def run_compare(recipe: CompareRecipe, out: Path, *, progress: bool = True) -> dict[str, Any]:
     """Prepare experts, evaluate every strategy, write results.json/.csv, report.md and report.html."""
-    from moerge.eval.report import summarise_results, write_reports
+    from moerge.recipes.report import summarise_results, write_reports
 
     out.mkdir(parents=True, exist_ok=True)
     ws = prepare_workspace(recipe, out, progress=progress)

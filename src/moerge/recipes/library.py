@@ -1,4 +1,4 @@
-"""A library recipe: one base, one method, shared hyper-parameters, and the tasks to train an expert on.
+"""Training a whole library from one recipe: one expert per task, skipping finished ones.
 
 `moerge train-library recipe.yaml` trains one expert per task entry into `library`. Example:
 
@@ -9,19 +9,29 @@
     tasks:
       - gym:chain_sum                              # shorthand: just the task spec
       - {task: gym:leg_counting, name: legs, overrides: {steps: 400}}
+
+Each expert trains in a staging folder under $MOERGE_HOME (so an interrupted one resumes from its
+checkpoint) and enters the library only when complete, through the library's atomic `add`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from rich.console import Console
 
 from moerge.errors import MoergeError
+from moerge.library import ExpertLibrary
 from moerge.library.library import validate_name
+from moerge.paths import moerge_home
+from moerge.recipes.train import train_expert
+from moerge.train.config import TrainConfig, config_from_dict
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -107,3 +117,58 @@ def load_recipe(path: str | Path) -> LibraryRecipe:
     if "://" not in recipe.library and not Path(recipe.library).is_absolute():
         recipe = recipe.model_copy(update={"library": str((path.parent / recipe.library).resolve())})
     return recipe
+
+
+console = Console(stderr=True)
+
+
+def entry_config(recipe: LibraryRecipe, entry: TaskEntry) -> TrainConfig:
+    raw = {
+        **recipe.settings(entry),
+        "base": recipe.base,
+        "task": entry.task,
+        "method": recipe.method,
+        "name": entry.expert_name,
+    }
+    return config_from_dict(raw, source=f"recipe task {entry.expert_name!r}")
+
+
+def is_up_to_date(library: ExpertLibrary, name: str, cfg: TrainConfig) -> bool:
+    """True when the library holds `name` trained with exactly these settings."""
+    if name not in library.names():
+        return False
+    return library.meta(name).hyperparameters.get("config_hash") == cfg.fingerprint()
+
+
+def staging_dir(library: ExpertLibrary, name: str) -> Path:
+    key = hashlib.sha256(library.url.encode()).hexdigest()[:12]
+    return moerge_home() / "staging" / key / name
+
+
+def open_or_create(location: str) -> ExpertLibrary:
+    try:
+        return ExpertLibrary(location)
+    except MoergeError:
+        return ExpertLibrary.create(location)  # refuses, clearly, a non-empty folder that is not a library
+
+
+def train_library(recipe: LibraryRecipe, *, progress: bool = True) -> dict[str, str]:
+    """Train every expert the recipe lists into its library; returns name → 'trained' or 'reused'."""
+    library = open_or_create(recipe.library)
+    configs = [(entry.expert_name, entry_config(recipe, entry)) for entry in recipe.tasks]
+    outcome: dict[str, str] = {}
+    for i, (name, cfg) in enumerate(configs, start=1):
+        console.print(f"[{i}/{len(configs)}] {name}: {cfg.method} on {cfg.task}")
+        outcome[name] = ensure_expert(library, name, cfg, progress=progress)
+    return outcome
+
+
+def ensure_expert(library: ExpertLibrary, name: str, cfg: TrainConfig, *, progress: bool = True) -> str:
+    """Train `cfg` into `library` as `name` unless it is there with the same settings: 'trained'/'reused'."""
+    if is_up_to_date(library, name, cfg):
+        return "reused"
+    stage = staging_dir(library, name)
+    train_expert(cfg, stage, resume=True, overwrite=True, progress=progress)
+    library.add(stage, name=name, overwrite=True)
+    shutil.rmtree(stage, ignore_errors=True)
+    return "trained"

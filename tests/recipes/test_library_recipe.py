@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from moerge.errors import MoergeError
-from moerge.library.recipe import load_recipe
+from moerge.recipes.library import load_recipe
 
 GOOD = """
 base: tiny-llama

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 from moerge.eval.stats import stratified_ci, summarise
 from moerge.paths import write_json_atomic
 
@@ -344,3 +346,10 @@ def render_html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
         f"</head><body><h1>moerge compare</h1>{main}<p>{html.escape(NOTES)}</p><h2>Per task</h2>{per_task}"
         f"<h2>Experts</h2>{experts}<h2>Plots</h2>{images}</body></html>"
     )
+
+
+def results_table(results: dict) -> Table:
+    table = Table(*[label for _, label in COLUMNS], title="moerge compare (95% intervals in brackets)")
+    for row in results["rows"]:
+        table.add_row(*[fmt(key, row.get(key)) for key, _ in COLUMNS])
+    return table

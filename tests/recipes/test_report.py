@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from moerge.eval.report import markdown_table, summarise_results, write_reports
+from moerge.recipes.report import markdown_table, summarise_results, write_reports
 
 
 def _raw(name, kind, scores_in, scores_out, probe_loss, routing=None):

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from moerge.library.recipe import TaskEntry
+from moerge.recipes.library import TaskEntry
 from moerge.yamlconf import read_yaml_mapping, validation_error
 
 StrategyKind = Literal["base", "oracle", "multitask", "merge", "router"]

@@ -7,8 +7,8 @@ import yaml
 
 from helpers import addition_rows, parity_rows, write_task
 from moerge.errors import MoergeError
-from moerge.eval.compare import run_compare
-from moerge.eval.protocol import load_compare_recipe
+from moerge.recipes.compare import run_compare
+from moerge.recipes.protocol import load_compare_recipe
 
 
 def _recipe(tmp_path, tiny_base, strategies, **extra) -> dict:
@@ -80,7 +80,7 @@ def test_every_strategy_kind_runs_and_reports(tmp_path, tiny_base):
 
 
 def test_rerun_reuses_cache_and_changed_expert_invalidates(tmp_path, tiny_base, monkeypatch):
-    import moerge.eval.compare as compare
+    import moerge.recipes.compare as compare
 
     recipe = _load(tmp_path, _recipe(tmp_path, tiny_base, ["base", "oracle"]))
     out = tmp_path / "out"
