@@ -1,25 +1,54 @@
-"""Reading YAML configs (recipes, merge configs) with errors that point at the file, line and field."""
+"""Reading configs (YAML files, command-line options) into pydantic models, with errors that say
+`file:line: field: message` for every config the product reads (train, library, merge, route, compare)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from moerge.errors import MoergeError
 
+M = TypeVar("M", bound=BaseModel)
 
-def read_yaml_mapping(path: Path, what: str) -> tuple[dict[str, Any], yaml.Node | None]:
-    """The file's top-level mapping and its YAML node tree (for line numbers of later errors)."""
+
+@dataclass(frozen=True)
+class Source:
+    """Where a config's values came from: a file (with its YAML node tree, for line numbers) or a
+    description such as "command-line options"; `prefix` locates a nested mapping inside the file
+    (e.g. `("stages", 2)`), so errors about it still name the field's full path and line."""
+
+    name: str
+    root: yaml.Node | None = None
+    prefix: tuple[Any, ...] = ()
+
+    def at(self, *loc: Any) -> Source:
+        """The same file, one mapping further down."""
+        return Source(self.name, self.root, (*self.prefix, *loc))
+
+    def error(self, loc: tuple[Any, ...] | list[Any], message: str) -> MoergeError:
+        """One line: `file:line: field.path: message` (the line when the file has the field)."""
+        full = [*self.prefix, *loc]
+        line = line_of(self.root, full)
+        where = f"{self.name}:{line}" if line else self.name
+        field = ".".join(str(p) for p in full) or "config"
+        return MoergeError(f"{where}: {field}: {message}")
+
+
+def read_yaml(path: Path | str, what: str) -> tuple[dict[str, Any], Source]:
+    """The file's top-level mapping and a `Source` that can point at its lines."""
     path = Path(path)
     if not path.is_file():
         raise MoergeError(f"{path}: {what} not found")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         raw = yaml.safe_load(text)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except UnicodeDecodeError:
+        raise MoergeError(f"{path}: not UTF-8 text (expected a YAML {what})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -28,7 +57,44 @@ def read_yaml_mapping(path: Path, what: str) -> tuple[dict[str, Any], yaml.Node 
         raw = {}
     if not isinstance(raw, dict):
         raise MoergeError(f"{path}: expected a mapping of {what} settings, got {type(raw).__name__}")
-    return raw, root
+    return raw, Source(str(path), root)
+
+
+def validate(model: type[M], raw: Any, source: Source | str) -> M:
+    """`model` built from `raw`; the first problem becomes one `file:line: field: message` error."""
+    source = Source(source) if isinstance(source, str) else source
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise first_error(source, exc) from None
+
+
+def validate_options(model: type[M], raw: Any, source: Source | str, what: str) -> M:
+    """The options of one method, router or strategy (`what`, e.g. "merge method 'ties'"): a key the
+    model does not have is refused with the list of the options `what` does take. `source` points at
+    the options' own mapping (e.g. `Source(file, root, ("parameters",))`)."""
+    source = Source(source) if isinstance(source, str) else source
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise source.error([], f"expected a mapping of {what} options, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(model.model_fields), key=str)
+    if unknown:
+        accepted = ", ".join(model.model_fields) or "none"
+        raise source.error([unknown[0]], f"not an option of {what} (its options: {accepted})")
+    return validate(model, raw, source)
+
+
+def load_config(path: Path | str, model: type[M], what: str) -> M:
+    """Read a YAML file into `model` (see `validate`)."""
+    raw, source = read_yaml(path, what)
+    return validate(model, raw, source)
+
+
+def first_error(source: Source, exc: ValidationError) -> MoergeError:
+    """pydantic's first error as one line (a `ValueError` raised by a validator keeps its own text)."""
+    err = exc.errors()[0]
+    message = str(err["ctx"]["error"]) if err["type"] == "value_error" and "ctx" in err else err["msg"]
+    return source.error(list(err["loc"]), message)
 
 
 def line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:
@@ -45,13 +111,3 @@ def line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:
             break
         line = node.start_mark.line + 1
     return line
-
-
-def validation_error(source: Path | str | None, root: yaml.Node | None, exc: ValidationError) -> MoergeError:
-    """The first pydantic error as one line: `file:line: field: message`."""
-    err = exc.errors()[0]
-    loc = list(err["loc"])
-    where = line_of(root, loc)
-    prefix = f"{source}:{where}: " if source and where else (f"{source}: " if source else "")
-    field = ".".join(str(p) for p in loc) or "config"
-    return MoergeError(f"{prefix}{field}: {err['msg']}")

@@ -17,10 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moerge.errors import MoergeError
-from moerge.yamlconf import read_yaml_mapping, validation_error
+from moerge.yamlconf import Source, read_yaml, validate
 
 
 class ExpertRef(BaseModel):
@@ -120,11 +120,7 @@ def apply_overrides(raw: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any
 def load_merge_spec(config: Path | None, flags: dict[str, Any]) -> MergeSpec:
     """Read the YAML config (if any), apply flags, validate; errors point at file and line."""
     raw: dict[str, Any] = {}
-    root = None
+    source = Source("options")
     if config is not None:
-        raw, root = read_yaml_mapping(Path(config), "merge config")
-    raw = apply_overrides(raw, flags)
-    try:
-        return MergeSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise validation_error(config, root, exc) from None
+        raw, source = read_yaml(config, "merge config")
+    return validate(MergeSpec, apply_overrides(raw, flags), source)

@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moerge.recipes.library import TaskEntry
-from moerge.yamlconf import read_yaml_mapping, validation_error
+from moerge.yamlconf import load_config
 
 StrategyKind = Literal["base", "oracle", "multitask", "merge", "router"]
 
@@ -110,11 +110,7 @@ def expand_strategy(name: str) -> dict[str, Any]:
 def load_compare_recipe(path: Path) -> CompareRecipe:
     """Read a compare recipe; errors name file, line and field; `library` is relative to the file."""
     path = Path(path)
-    raw, root = read_yaml_mapping(path, "compare recipe")
-    try:
-        recipe = CompareRecipe.model_validate(raw)
-    except ValidationError as exc:
-        raise validation_error(path, root, exc) from None
+    recipe = load_config(path, CompareRecipe, "compare recipe")
     if "://" not in recipe.library and not Path(recipe.library).is_absolute():
         recipe = recipe.model_copy(update={"library": str((path.parent / recipe.library).resolve())})
     return recipe

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moerge.errors import MoergeError
-from moerge.yamlconf import read_yaml_mapping
+from moerge.yamlconf import read_yaml
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -143,7 +143,7 @@ class Recipe(BaseModel):
 
 def load_recipe(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig | Recipe:
     """Read a YAML recipe; CLI options given explicitly win over the file's top-level settings."""
-    raw, _ = read_yaml_mapping(Path(path), "training recipe")
+    raw, _ = read_yaml(path, "training recipe")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "stages" in raw:
         return recipe_from_dict(raw, source=str(path), overrides=given)
