@@ -89,7 +89,7 @@ def main() -> None:
     from moerge.models import fetch_model, load_base
     from moerge.recipes.train import train_expert, train_recipe
     from moerge.train import TrainConfig
-    from moerge.train.config import recipe_from_dict
+    from moerge.train.config import staged_from_dict
 
     base = str(fetch_model(args.base)) if "/" not in args.base else args.base
     work = Path(tempfile.mkdtemp(prefix="recipes_bench."))
@@ -115,7 +115,7 @@ def main() -> None:
 
     def self_train(**options):
         stage = {"type": "self_train", "task": labelled, "unlabelled": pool, "confidence": args.confidence, **options}
-        recipe = recipe_from_dict({"base": base, "method": "lora", "lr": 1e-3, **common, "stages": [stage]})
+        recipe = staged_from_dict({"base": base, "method": "lora", "lr": 1e-3, **common, "stages": [stage]})
         return lambda out: train_recipe(recipe, out, progress=False)
 
     runs = {

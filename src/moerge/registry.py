@@ -46,6 +46,9 @@ class Registry(Generic[T]):
         self._ensure_loaded()
         yield from sorted(self._entries.items())
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
     def __contains__(self, name: object) -> bool:
         self._ensure_loaded()
         return name in self._entries

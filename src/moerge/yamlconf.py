@@ -42,7 +42,7 @@ def read_yaml(path: Path | str, what: str) -> tuple[dict[str, Any], Source]:
     """The file's top-level mapping and a `Source` that can point at its lines."""
     path = Path(path)
     if not path.is_file():
-        raise MoergeError(f"{path}: {what} not found")
+        raise MoergeError(f"{path}: not found (expected a {what} file)")
     try:
         text = path.read_text(encoding="utf-8")
         raw = yaml.safe_load(text)
@@ -91,8 +91,10 @@ def load_config(path: Path | str, model: type[M], what: str) -> M:
 
 
 def first_error(source: Source, exc: ValidationError) -> MoergeError:
-    """pydantic's first error as one line (a `ValueError` raised by a validator keeps its own text)."""
-    err = exc.errors()[0]
+    """pydantic's first error as one line (a `ValueError` raised by a validator keeps its own text).
+    An unknown key goes first: a misspelt setting usually also makes a required one "missing"."""
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     message = str(err["ctx"]["error"]) if err["type"] == "value_error" and "ctx" in err else err["msg"]
     return source.error(list(err["loc"]), message)
 

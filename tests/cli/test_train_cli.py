@@ -37,4 +37,4 @@ def test_bad_stage_is_one_clear_error(tiny_base, tmp_path):
     recipe.write_text(yaml.safe_dump({"base": str(tiny_base), "stages": [{"type": "pretrain"}]}))
     result = runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "e")])
     assert isinstance(result.exception, MoergeError)
-    assert "stages[0]" in str(result.exception) and "text" in str(result.exception)
+    assert "recipe.yaml:3: stages.0: " in str(result.exception) and "text" in str(result.exception)

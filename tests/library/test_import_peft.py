@@ -95,6 +95,26 @@ def test_import_refuses_pickles_and_non_adapters(tmp_path, adapters) -> None:
     assert lib.names() == []
 
 
+def test_import_reads_any_peft_adapter_and_refuses_bad_configs(tmp_path, adapters) -> None:
+    from library_testkit import tiny_llama_config
+    from peft import IA3Config, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = get_peft_model(LlamaForCausalLM(tiny_llama_config()), IA3Config(target_modules=["k_proj"]))
+    model.save_pretrained(tmp_path / "ia3")
+    lib = ExpertLibrary.create(tmp_path / "lib")
+    lib.import_peft(tmp_path / "ia3", task="t", base="tiny-llama")
+    meta = lib.meta("ia3")
+    assert meta.method == "ia3" and meta.hyperparameters["rank"] == "unknown"
+    assert meta.hyperparameters["targets"] == ["k_proj"] and meta.cost["trainable_params"] == 2 * 32
+    bad = with_base(adapters["lora"], tmp_path / "bad", None)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "r": "eight"}))
+    with pytest.raises(MoergeError, match=r"bad/adapter_config\.json: r: Input should be a valid integer"):
+        lib.import_peft(bad, task="t", base="tiny-llama")
+    assert lib.names() == ["ia3"]
+
+
 def test_real_fingerprints_accept_true_base_and_refuse_another(tmp_path, tiny_base, monkeypatch) -> None:
     """With the real fingerprint (moerge.models.loading): the adapter's recorded base folder decides."""
     from peft import LoraConfig, get_peft_model

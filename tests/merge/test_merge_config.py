@@ -22,7 +22,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_yaml_config_with_flag_overrides(experts: dict[str, Path], tmp_path: Path) -> None:
     config = write(
         tmp_path,
-        f"""method: ties
+        f"""method: dare_ties
 experts:
   - {{path: {experts["a"]}, weight: 0.5}}
   - {{path: {experts["b"]}}}
@@ -31,7 +31,7 @@ output: {{kind: adapter, rank: 4, out: {tmp_path / "o"}}}
 """,
     )
     spec = load_merge_spec(config, {"weights": [0.2, 0.8], "parameters": {"density": None, "seed": 3}})
-    assert spec.method == "ties" and spec.weights == [0.2, 0.8]
+    assert spec.method == "dare_ties" and spec.weights == [0.2, 0.8]
     assert spec.parameters == {"density": 0.3, "seed": 3} and spec.output.rank == 4
 
 
@@ -63,11 +63,31 @@ def test_bad_yaml_points_at_file_and_line(tmp_path: Path, text: str, message: st
 def test_flag_errors(tmp_path: Path) -> None:
     with pytest.raises(MoergeError, match="--weights: 3 weights for 2 experts"):
         load_merge_spec(None, {"method": "ties", "experts": ["x", "y"], "weights": [1, 2, 3]})
-    spec = load_merge_spec(None, {"method": "tie", "experts": ["x"], "output": {"out": "o"}})
-    with pytest.raises(MoergeError, match="unknown merge method 'tie'"):
-        build_plan(spec)
-    with pytest.raises(MoergeError, match="parameters: unknown lambda"):
-        build_plan(spec.model_copy(update={"method": "ties", "parameters": {"lambda": 2}}))
+    flags = {"method": "tie", "experts": ["x"], "output": {"out": "o"}}
+    with pytest.raises(MoergeError, match="options: method: unknown merge method 'tie'; did you mean 'ties'"):
+        load_merge_spec(None, flags)
+    spec = load_merge_spec(None, {**flags, "method": "ties"})
+    with pytest.raises(MoergeError, match=r"parameters\.lambda: not an option of merge method 'ties'"):
+        build_plan(spec.model_copy(update={"parameters": {"lambda": 2}}))
+    with pytest.raises(MoergeError, match=r"options: parameters\.density: not an option of merge method 'linear'"):
+        load_merge_spec(None, {**flags, "method": "linear", "parameters": {"density": 0.2}})
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        (
+            "  density: 0.2\n",
+            r"merge\.yaml:5: parameters\.density: not an option of merge method 'linear'"
+            r" \(its options: scaling, lines_alpha, lines_beta\)",
+        ),
+        ("  scaling: 2\n  lines_alpha: x\n", r"merge\.yaml:6: parameters\.lines_alpha: Input should be a valid number"),
+    ],
+)
+def test_parameters_the_method_does_not_take_point_at_their_line(tmp_path: Path, parameters: str, message: str) -> None:
+    text = f"method: linear\nexperts:\n  - {{path: x}}\nparameters:\n{parameters}output: {{out: o}}\n"
+    with pytest.raises(MoergeError, match=message):
+        load_merge_spec(write(tmp_path, text), NO_FLAGS)
 
 
 def test_library_name_without_library_is_refused(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Reading LoRA experts from their files: Δ equals peft's own get_delta_weight; bad mixes refused."""
+"""Opening experts for merging: Δ equals peft's own get_delta_weight; bad mixes and features refused."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import torch
 from merge_testkit import make_lora, peft_deltas
 
 from moerge.errors import MoergeError
+from moerge.library.adapter import LoraAdapter
 from moerge.library.expert import read_expert_meta, write_expert_meta
-from moerge.merge.experts import LoraExpert, open_experts
+from moerge.merge.plan import open_experts
 
 
 @pytest.mark.parametrize("name", ["a", "b", "c"])
 def test_delta_equals_peft_delta_weight(name: str, experts: dict[str, Path], tiny_base: Path) -> None:
     """Covers alpha/r, rsLoRA's alpha/√r, rank_pattern and alpha_pattern."""
-    expert = LoraExpert.open(experts[name])
+    (expert,) = open_experts({name: experts[name]})
     expected = peft_deltas(tiny_base, experts[name])
     assert expert.modules == sorted(expected)
     for module, delta in expected.items():
@@ -28,7 +29,7 @@ def test_delta_equals_peft_delta_weight(name: str, experts: dict[str, Path], tin
 
 
 def test_missing_module_is_none(experts: dict[str, Path]) -> None:
-    expert = LoraExpert.open(experts["a"])
+    expert = LoraAdapter.open(experts["a"])
     assert expert.factors("model.layers.0.mlp.up_proj") is None
 
 
@@ -57,10 +58,10 @@ def test_shape_mismatch_is_refused(experts: dict[str, Path], tmp_path: Path) -> 
 
 def test_dora_and_non_lora_folders_are_refused(tiny_base: Path, tmp_path: Path) -> None:
     dora = make_lora(tmp_path / "dora", tiny_base, seed=0, r=2, target_modules=["q_proj"], use_dora=True)
-    with pytest.raises(MoergeError, match="use_dora is set"):
-        LoraExpert.open(dora)
-    with pytest.raises(MoergeError, match="not a LoRA expert"):
-        LoraExpert.open(tmp_path)
+    with pytest.raises(MoergeError, match=r"use_dora is set .*; merging supports plain LoRA updates only"):
+        open_experts({"dora": dora})
+    with pytest.raises(MoergeError, match=r"adapter_config\.json: not found"):
+        open_experts({"empty": tmp_path})
 
 
 def test_corrupted_expert_is_refused(experts: dict[str, Path], tmp_path: Path) -> None:
@@ -69,4 +70,4 @@ def test_corrupted_expert_is_refused(experts: dict[str, Path], tmp_path: Path) -
     config = json.loads((broken / "adapter_config.json").read_text())
     (broken / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 99}))
     with pytest.raises(MoergeError, match="sha256 mismatch"):
-        LoraExpert.open(broken)
+        open_experts({"broken": broken})

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,7 +9,7 @@ from hypothesis import strategies as st
 from peft.utils import merge_utils
 
 from moerge.errors import MoergeError
-from moerge.merge.methods import MERGE_METHODS, MergeParams, get_method, post_scale
+from moerge.merge.methods import MERGE_METHODS, LinesOptions, magnitude_mask, post_scale
 
 
 def task_vectors(seed: int, n: int = 3, shape: tuple[int, int] = (24, 40)) -> list[torch.Tensor]:
@@ -20,7 +18,8 @@ def task_vectors(seed: int, n: int = 3, shape: tuple[int, int] = (24, 40)) -> li
 
 
 def run(name: str, deltas: list[torch.Tensor], weights: list[float], **params: object) -> torch.Tensor:
-    return get_method(name).fn(torch.stack(deltas), torch.tensor(weights), MergeParams(**params))
+    method = MERGE_METHODS.get(name)
+    return method.fn(torch.stack(deltas), torch.tensor(weights), method.parse_options(params))
 
 
 WEIGHTS = [0.7, 1.3, 0.4]
@@ -87,34 +86,90 @@ def test_slerp_endpoints_and_norm() -> None:
 
 
 def test_lines_scales_linearly_with_depth() -> None:
-    params = MergeParams(lines_alpha=0.2, lines_beta=0.6, scaling=2.0)
-    assert post_scale(replace(params, layer_fraction=0.0)) == pytest.approx(0.4)
-    assert post_scale(replace(params, layer_fraction=0.5)) == pytest.approx(1.0)
-    assert post_scale(params) == pytest.approx(1.6)
-    assert get_method("lines").defaults == {"lines_alpha": 0.5, "lines_beta": 0.5}
+    options = MERGE_METHODS.get("ties").parse_options({"lines_alpha": 0.2, "lines_beta": 0.6, "scaling": 2.0})
+    assert post_scale(options, 0.0) == pytest.approx(0.4)
+    assert post_scale(options, 0.5) == pytest.approx(1.0)
+    assert post_scale(options, 1.0) == pytest.approx(1.6)
+    assert MERGE_METHODS.get("lines").options is LinesOptions
+    assert (LinesOptions().lines_alpha, LinesOptions().lines_beta) == (0.5, 0.5)
 
 
 def test_unknown_method_lists_the_known_ones() -> None:
     with pytest.raises(MoergeError, match=r"unknown merge method 'tie'.*known: .*breadcrumbs.*ties"):
-        get_method("tie")
+        MERGE_METHODS.get("tie")
+
+
+def test_a_second_registration_is_refused() -> None:
+    with pytest.raises(ValueError, match="merge method 'ties' is already registered"):
+        MERGE_METHODS.register("ties", MERGE_METHODS.get("ties"))
 
 
 @pytest.mark.parametrize(
-    ("params", "message"),
+    ("method", "params", "message"),
     [
-        ({"density": 1.5}, "density"),
-        ({"majority_sign": "mean"}, "majority_sign"),
-        ({"lines_alpha": 0.5}, "lines_alpha/lines_beta"),
+        ("ties", {"density": 1.5}, "parameters.density: Input should be less than or equal to 1"),
+        ("ties", {"majority_sign": "mean"}, "parameters.majority_sign: Input should be 'total' or 'frequency'"),
+        ("linear", {"lines_alpha": 0.5}, "lines_alpha/lines_beta: give both or neither"),
+        ("breadcrumbs", {"gamma": 1.0}, "parameters.gamma: Input should be less than 1"),
+        (
+            "linear",
+            {"density": 0.2},
+            r"density: not an option of merge method 'linear' \(its options: scaling, lines_alpha, lines_beta\)",
+        ),
+        ("dare_linear", {"majority_sign": "total"}, "not an option of merge method 'dare_linear'"),
+        ("ties", {"seed": 1}, "parameters.seed: not an option of merge method 'ties'"),
     ],
 )
-def test_bad_parameters_are_refused(params: dict[str, object], message: str) -> None:
+def test_bad_parameters_are_refused(method: str, params: dict[str, object], message: str) -> None:
     with pytest.raises(MoergeError, match=message):
-        MergeParams(**params)
+        MERGE_METHODS.get(method).parse_options(params)
+
+
+def test_every_option_is_described() -> None:
+    """--help and the README tables are generated from these descriptions."""
+    for name, method in MERGE_METHODS.items():
+        assert method.summary, name
+        for option, field in method.options.model_fields.items():
+            assert field.description and len(field.description) > 20, f"{name}.{option}"
+
+
+# --- exact-k magnitude masks -----------------------------------------------------------------------
+
+
+def tied_task_vectors() -> list[torch.Tensor]:
+    """Few distinct magnitudes, so the k-th largest is shared by many entries."""
+    generator = torch.Generator().manual_seed(7)
+    return [torch.randint(-2, 3, (24, 40), generator=generator).float() for _ in range(3)]
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.55])
+def test_magnitude_mask_keeps_exactly_k_entries_among_ties(density: float) -> None:
+    deltas = torch.stack(tied_task_vectors())
+    mask = magnitude_mask(deltas, density)
+    k = int(density * 24 * 40)
+    assert mask.reshape(3, -1).sum(dim=1).tolist() == [k, k, k]
+    for delta, kept in zip(deltas, mask, strict=True):  # nothing dropped is larger than anything kept
+        assert delta.abs()[~kept].max() <= delta.abs()[kept].min()
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.55])
+def test_tied_magnitudes_match_peft_magnitude_prune_and_ties(density: float) -> None:
+    deltas = tied_task_vectors()
+    ours = run("magnitude_prune", deltas, WEIGHTS, density=density)
+    theirs = merge_utils.magnitude_prune(deltas, torch.tensor(WEIGHTS), density)
+    assert torch.equal(ours != 0, theirs != 0)
+    torch.testing.assert_close(ours, theirs)
+    for sign in ("total", "frequency"):
+        ours = run("ties", deltas, WEIGHTS, density=density, majority_sign=sign)
+        theirs = merge_utils.ties(deltas, torch.tensor(WEIGHTS), density, sign)
+        assert torch.equal(ours != 0, theirs != 0)
+        torch.testing.assert_close(ours, theirs)
 
 
 # --- properties ------------------------------------------------------------------------------------
 
 SINGLE = [name for name, m in MERGE_METHODS.items() if m.experts is None]
+KEEP_ALL = {"density": 1.0, "gamma": 0.0, "lines_alpha": None, "lines_beta": None}
 shapes = st.tuples(st.integers(1, 12), st.integers(1, 12))
 
 
@@ -122,7 +177,8 @@ shapes = st.tuples(st.integers(1, 12), st.integers(1, 12))
 @given(seed=st.integers(0, 2**31), shape=shapes, name=st.sampled_from(SINGLE))
 def test_one_expert_with_weight_one_is_returned(seed: int, shape: tuple[int, int], name: str) -> None:
     (delta,) = task_vectors(seed, 1, shape)
-    merged = run(name, [delta], [1.0], density=1.0, gamma=0.0, lines_alpha=None, lines_beta=None)
+    fields = MERGE_METHODS.get(name).options.model_fields
+    merged = run(name, [delta], [1.0], **{k: v for k, v in KEEP_ALL.items() if k in fields})
     torch.testing.assert_close(merged, delta)
 
 

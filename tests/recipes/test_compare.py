@@ -7,8 +7,7 @@ import yaml
 
 from helpers import addition_rows, parity_rows, write_task
 from moerge.errors import MoergeError
-from moerge.recipes.compare import run_compare
-from moerge.recipes.protocol import load_compare_recipe
+from moerge.recipes.compare import load_compare_config, run_compare
 
 
 def _recipe(tmp_path, tiny_base, strategies, **extra) -> dict:
@@ -43,7 +42,7 @@ def _recipe(tmp_path, tiny_base, strategies, **extra) -> dict:
 def _load(tmp_path, raw):
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(raw))
-    return load_compare_recipe(path)
+    return load_compare_config(path)
 
 
 def test_every_strategy_kind_runs_and_reports(tmp_path, tiny_base):

@@ -30,10 +30,10 @@ def test_router_benchmark_recipe_runs_on_the_demo_experts(tmp_path):
     and cached scores; only the strategies differ (every router of the routing issue)."""
     from pathlib import Path
 
-    from moerge.recipes.protocol import load_compare_recipe
+    from moerge.recipes.compare import load_compare_config
 
     demo = packaged_recipe(tmp_path)
-    routers = load_compare_recipe(Path(__file__).parents[2] / "benchmarks" / "routers.yaml")
+    routers = load_compare_config(Path(__file__).parents[2] / "benchmarks" / "routers.yaml")
     assert routers.library == str((Path(__file__).parents[2] / "runs" / "demo" / "library").resolve())
     for field in ("base", "method", "hyperparameters", "held_in", "held_out", "forgetting", "eval_limit"):
         assert getattr(routers, field) == getattr(demo, field), field
@@ -41,5 +41,5 @@ def test_router_benchmark_recipe_runs_on_the_demo_experts(tmp_path):
     for strategy in routers.strategies:
         if strategy.name in shared:  # same settings, so the demo's cached scores apply
             assert strategy == shared[strategy.name], strategy.name
-    kinds = {s.router for s in routers.strategies if s.kind == "router"}
+    kinds = {s.options.router for s in routers.strategies if s.kind == "router"}
     assert kinds == {"uniform", "centroid", "arrow", "phatgoose", "glider", "learned"}

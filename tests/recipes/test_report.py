@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from moerge.recipes.report import markdown_table, summarise_results, write_reports
+from moerge.recipes.report import results_table, summarise_results, write_reports
 
 
 def _raw(name, kind, scores_in, scores_out, probe_loss, routing=None):
@@ -47,7 +47,7 @@ def test_summary_means_and_forgetting(results):
     assert arrow["held_out"]["mean"] == 0.5
     assert arrow["forgetting_loss"] == pytest.approx(-0.5)  # loss went up: forgetting is negative
     assert arrow["routing_accuracy"] == 1.0
-    assert "| arrow | 1.000 [1.00, 1.00] | 0.500" in markdown_table(results)
+    assert "| arrow | 1.000 [1.00, 1.00] | 0.500" in results_table(results).to_markdown()
 
 
 def test_reports_written(results, tmp_path):

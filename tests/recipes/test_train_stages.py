@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from helpers import parity_rows, write_jsonl, write_task
 from moerge.errors import MoergeError
 from moerge.recipes.train import train_recipe
-from moerge.train.config import Recipe, load_recipe, recipe_from_dict
+from moerge.train.config import StagedConfig, load_train_config, staged_from_dict
 
 FAST = {"batch_size": 4, "max_length": 48, "lr": 5e-3, "rank": 4, "eval_limit": 2, "checkpoint_every": 2}
 
@@ -20,8 +20,8 @@ def parity(tmp_path):
     return write_task(tmp_path / "parity.jsonl", parity_rows(40))
 
 
-def _recipe(base, *stages, **top) -> Recipe:
-    return recipe_from_dict({"base": str(base), **FAST, **top, "stages": list(stages)})
+def _recipe(base, *stages, **top) -> StagedConfig:
+    return staged_from_dict({"base": str(base), **FAST, **top, "stages": list(stages)})
 
 
 def _adapter(folder):
@@ -35,12 +35,12 @@ def test_stages_inherit_top_level_settings_with_their_own_seed(tmp_path, parity)
             {"base": "b", "task": parity, "seed": 7, "steps": 3, "stages": [{"name": "a"}, {"steps": 5, "lr": 1e-3}]}
         )
     )
-    recipe = load_recipe(path, {"method": "hft"})
-    assert isinstance(recipe, Recipe)
+    recipe = load_train_config(path, {"method": "hft"})
+    assert isinstance(recipe, StagedConfig)
     assert [s.steps for s in recipe.stages] == [3, 5] and [s.seed for s in recipe.stages] == [7, 8]
     assert [s.name for s in recipe.stages] == ["a", "stage2"] and {s.method for s in recipe.stages} == {"hft"}
-    with pytest.raises(MoergeError, match=r"stages\[0\]"):
-        recipe_from_dict({"base": "b", "stages": [{"task": parity, "rank": 0}]})
+    with pytest.raises(MoergeError, match=r"recipe: stages\.0\.rank: "):
+        staged_from_dict({"base": "b", "stages": [{"task": parity, "rank": 0}]})
     with pytest.raises(MoergeError, match="start: merge"):
         train_recipe(_recipe("b", {"task": parity}, {"task": parity, "method": "full"}), tmp_path / "x")
 

@@ -8,7 +8,8 @@ from peft import PeftModel
 from route_helpers import load_tiny
 
 from moerge.errors import MoergeError
-from moerge.route.stacked import SparseRouting, attach_experts, load_lora_factors
+from moerge.library.adapter import LoraAdapter
+from moerge.route.stacked import SparseRouting, attach_experts
 
 NAMES = ["alpha", "beta", "gamma", "delta"]
 
@@ -33,10 +34,15 @@ def test_names_modules_and_padding(stacked):
     assert "model.layers.0.self_attn.o_proj" in stacked.layers
 
 
-def test_rank_and_alpha_patterns_follow_peft(experts):
-    factors = load_lora_factors(experts["gamma"])
-    a0, _ = factors.modules["model.layers.0.self_attn.v_proj"]
+def test_rank_and_alpha_patterns_follow_peft(stacked, experts):
+    a0, _ = LoraAdapter.open(experts["gamma"]).factors("model.layers.0.self_attn.v_proj")
     assert a0.shape[0] == 3
+    v0 = stacked.layers["model.layers.0.self_attn.v_proj"]
+    assert v0.A[2, 3:].abs().sum() == 0 and v0.A[2, :3].abs().sum() > 0  # gamma's rank 3, padded to 4
+
+
+def test_experts_record_name_and_folder(stacked, experts):
+    assert [(e.name, e.folder) for e in stacked.experts] == [(n, experts[n]) for n in NAMES]
 
 
 @pytest.mark.parametrize("k", range(4))
@@ -101,6 +107,36 @@ def test_bad_folders_are_user_errors(tmp_path, tiny_base, experts):
         attach_experts(model, [tmp_path])
     with pytest.raises(MoergeError, match="unique"):
         attach_experts(model, [experts["alpha"], experts["alpha"]])
+    assert not hasattr(model, "moerge_routing")
+
+
+def test_features_the_layer_cannot_apply_are_refused(tmp_path, tiny_base):
+    from route_helpers import make_expert
+
+    dora = make_expert(tiny_base, tmp_path / "dora", 0, r=2, target_modules=["q_proj"], use_dora=True)
+    model, _ = load_tiny(tiny_base)
+    with pytest.raises(MoergeError, match=r"use_dora is set .*the stacked-expert layer supports plain LoRA"):
+        attach_experts(model, [dora])
+
+
+def test_experts_of_another_base_are_refused(tmp_path, tiny_base, experts):
+    import shutil
+
+    from moerge.library.expert import read_expert_meta, write_expert_meta
+
+    model, _ = load_tiny(tiny_base)
+    for name, fp in (("one", "fp-one"), ("two", "fp-two")):
+        shutil.copytree(experts["alpha"], tmp_path / name)
+        meta = read_expert_meta(tmp_path / name)
+        write_expert_meta(
+            tmp_path / name, meta.model_copy(update={"base": meta.base.model_copy(update={"fingerprint": fp})})
+        )
+    with pytest.raises(MoergeError, match="different base models"):
+        attach_experts(model, {"one": tmp_path / "one", "two": tmp_path / "two"})
+    wide = load_tiny(tiny_base)[0]
+    wide.model.layers[0].self_attn.q_proj = torch.nn.Linear(64, 32, bias=False)
+    with pytest.raises(MoergeError, match=r"q_proj: the adapter's update is \(64, 64\).*layer is \(32, 64\)"):
+        attach_experts(wide, [experts["alpha"]])
 
 
 def test_attaching_twice_is_refused_until_detached(tiny_base, experts):

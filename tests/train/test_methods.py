@@ -17,8 +17,13 @@ KINDS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 HAS_ATTRS = importlib.util.find_spec("attr") is not None
 
 
+DATA_DRIVEN = {"eva", "corda", "lora_ga"}  # the methods that take `init_batches`
+
+
 def _cfg(base, task, **kw) -> TrainConfig:
-    defaults = {"steps": 2, "batch_size": 4, "max_length": 48, "lr": 1e-2, "eval_split": None, "init_batches": 2}
+    defaults = {"steps": 2, "batch_size": 4, "max_length": 48, "lr": 1e-2, "eval_split": None}
+    if kw.get("method") in DATA_DRIVEN:
+        defaults["init_batches"] = 2
     return TrainConfig(base=str(base), task=task, **{**defaults, **kw})
 
 
@@ -148,7 +153,7 @@ def test_eva_initialises_a_from_the_input_activations(tiny_base, parity, tmp_pat
     seen = []
     hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     masks = []
-    for step in range(cfg.init_batches):
+    for step in range(cfg.method_options.init_batches):
         batch = collate([data.items[i] for i in data.batch_indices(step)], tok.pad_token_id)
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         masks.append(batch["attention_mask"].bool())

@@ -22,16 +22,14 @@ def compare(
     Writes results.json, results.csv, report.md and report.html (self-contained) into --out. Scores are
     cached by content: rerunning reuses them, a killed run resumes, a changed expert is re-scored.
     """
-    from moerge.recipes.compare import run_compare
+    from moerge.recipes.compare import load_compare_config, run_compare
     from moerge.recipes.demo import packaged_recipe
-    from moerge.recipes.protocol import load_compare_recipe
     from moerge.recipes.report import results_table
 
-    loaded = load_compare_recipe(recipe) if recipe else packaged_recipe(out)
+    loaded = load_compare_config(recipe) if recipe else packaged_recipe(out)
     results = run_compare(loaded, out)
     if json_out:
         print(json.dumps(results["rows"], indent=2, default=str))
         return
-    console.print(results_table(results))
+    console.print(results_table(results).to_rich())
     console.print(f"report: {(out / 'report.html').resolve()}")
-

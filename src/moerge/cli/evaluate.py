@@ -4,27 +4,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from moerge.errors import MoergeError
 
+if TYPE_CHECKING:
+    from moerge.recipes.strategies import Loaded
+
 console = Console()
 
 
-def _load(base: str, adapter: Path | None, router: Path | None):
+def _load(base: str, adapter: Path | None, router: Path | None) -> Loaded:
+    """The base, an expert or a router, through the same strategy registry `compare` uses."""
+    from moerge.recipes.strategies import StrategySpec, Workspace, load_strategy
+
     if adapter is not None and router is not None:
         raise MoergeError("give --adapter or --router, not both")
-    from moerge.library.loading import load_model
-
     if router is not None:
-        from moerge.route import load_routed
-
-        model, tokenizer = load_model(base)
-        return load_routed(model, router, tokenizer=tokenizer), tokenizer
-
-    return load_model(base, adapter, merge=True)
+        spec = StrategySpec.model_validate({"kind": "router", "path": str(router)})
+    elif adapter is not None:
+        spec = StrategySpec.model_validate({"kind": "expert", "path": str(adapter)})
+    else:
+        spec = StrategySpec.model_validate({"kind": "base"})
+    return load_strategy(spec, Workspace(base=base))
 
 
 def eval_command(
@@ -44,8 +49,10 @@ def eval_command(
     from moerge.eval import evaluate_task
 
     loaded_task = load_task(task, seed=seed, limit=task_limit)
-    model, tokenizer = _load(base, adapter, router)
-    metrics = evaluate_task(model, tokenizer, loaded_task, split=split, limit=limit, batch_size=batch_size)
+    loaded = _load(base, adapter, router)
+    metrics = evaluate_task(
+        loaded.model, loaded.tokenizer, loaded_task, split=split, limit=limit, batch_size=batch_size
+    )
     metrics.pop("scores")
     metrics.update(task=loaded_task.name, split=split, adapter=str(adapter) if adapter else None)
     if json_out:
@@ -68,9 +75,9 @@ def generate_command(
     from moerge.data.task import Example
     from moerge.eval.evaluate import generate_answers
 
-    model, tokenizer = _load(base, adapter, router)
+    loaded = _load(base, adapter, router)
     example = Example(input=prompt, target="")
-    answer = generate_answers(model, tokenizer, [example], batch_size=1, max_new_tokens=max_new_tokens, progress=False)[
-        0
-    ]
-    print(answer)
+    answers = generate_answers(
+        loaded.model, loaded.tokenizer, [example], batch_size=1, max_new_tokens=max_new_tokens, progress=False
+    )
+    print(answers[0])

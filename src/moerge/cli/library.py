@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.table import Table
 
 from moerge.progress import output_console
+from moerge.tables import Column, Table, cell
 
 if TYPE_CHECKING:
     from moerge.library import ExpertLibrary, ExpertMeta
@@ -66,19 +66,24 @@ def _metrics_text(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
 
 
+_LIST_COLUMNS = tuple(Column(key, key) for key in ("name", "task", "method", "rank", "base", "metrics", "created"))
+
+
 def _table(metas: list[ExpertMeta]) -> Table:
-    table = Table("name", "task", "method", "rank", "base", "metrics", "created")
-    for meta in metas:
-        table.add_row(
-            meta.name,
-            meta.task.name,
-            meta.method,
-            str(meta.hyperparameters.get("rank", "")),
-            f"{meta.base.name_or_path} ({meta.base.fingerprint[:8]})",
-            _metrics_text(meta.metrics),
-            datetime.fromtimestamp(meta.created).strftime("%Y-%m-%d %H:%M"),
-        )
-    return table
+    """`moerge library list`'s table, as the shared table value: names are shown as typed, never read as markup."""
+    rows = [
+        [
+            cell(meta.name),
+            cell(meta.task.name),
+            cell(meta.method),
+            cell(meta.hyperparameters.get("rank")),
+            cell(f"{meta.base.name_or_path} ({meta.base.fingerprint[:8]})"),
+            cell(_metrics_text(meta.metrics)),
+            cell(datetime.fromtimestamp(meta.created).strftime("%Y-%m-%d %H:%M")),
+        ]
+        for meta in metas
+    ]
+    return Table("", _LIST_COLUMNS, rows)
 
 
 def list_experts(
@@ -95,7 +100,7 @@ def list_experts(
     if as_json:
         typer.echo(json.dumps([m.model_dump(mode="json") for m in metas], indent=2))
     else:
-        console.print(_table(metas))
+        console.print(_table(metas).to_rich())
 
 
 def show(path: str = PATH, name: str = NAME) -> None:

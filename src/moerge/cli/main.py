@@ -30,7 +30,7 @@ def _register() -> None:
     app.command("compare")(compare.compare)
     app.add_typer(models.app, name="models")
     app.add_typer(data.app, name="data")
-    app.command("train")(train.train)
+    app.command("train", epilog=train.methods_epilog())(train.train)
     app.command("train-library")(train.train_library_command)
     app.command("eval")(evaluate.eval_command)
     app.command("generate")(evaluate.generate_command)

@@ -4,12 +4,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import typer
+from rich.markup import escape
+from typer.core import TyperCommand
 
+from moerge.cli.help import field_help
 from moerge.errors import MoergeError
 from moerge.progress import output_console
 
 console = output_console()
+
+
+def methods_help() -> str:
+    """Every merge method with its options, read from the options models (so the help cannot go stale).
+    Options every method takes are listed once; each method then lists only its own."""
+    from moerge.merge.methods import MERGE_METHODS, MergeOptions
+
+    def option_lines(model: type[MergeOptions], names: list[str]) -> list[str]:
+        return [escape(f"  --{name.replace('_', '-')}: {field_help(model, name)}") for name in names]
+
+    shared = {name: field.default for name, field in MergeOptions.model_fields.items()}
+    lines = ["Every merge method takes (flags, or `parameters:` in a config):", *option_lines(MergeOptions, [*shared])]
+    lines += ["", "Merge methods (--method) and their own options (and shared ones whose default they change):"]
+    for name, method in MERGE_METHODS.items():
+        fields = method.options.model_fields
+        own = [n for n, field in fields.items() if n not in shared or field.default != shared[n]]
+        lines += ["", f"[bold]{escape(name)}[/bold]: {escape(method.summary)}", *option_lines(method.options, own)]
+    return "\n".join(lines)
+
+
+class _MergeCommand(TyperCommand):
+    """`merge --help` ends with `methods_help()`, computed only when help is shown: importing the
+    merge methods (and torch) when the CLI starts would slow every command."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.epilog = methods_help()
+        super().format_help(ctx, formatter)
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -31,21 +62,21 @@ def merge(
     library: str | None = typer.Option(None, "--library", "-l", help="Expert library; experts are names."),
     experts: str | None = typer.Option(None, help="Comma-separated expert names (or folders without a library)."),
     weights: str | None = typer.Option(None, help="Comma-separated weights, one per expert (default 1)."),
-    method: str | None = typer.Option(None, "--method", "-m", help="Merge method, e.g. linear, ties, dare_ties."),
-    density: float | None = typer.Option(None, help="Fraction of entries kept (ties, dare, breadcrumbs)."),
-    gamma: float | None = typer.Option(None, help="Breadcrumbs: fraction of largest entries dropped."),
-    scaling: float | None = typer.Option(None, help="λ multiplying the merged update."),
-    majority_sign: str | None = typer.Option(None, help="Sign election: total or frequency."),
-    lines_alpha: float | None = typer.Option(None, help="LiNeS: scale of the first layer's update."),
-    lines_beta: float | None = typer.Option(None, help="LiNeS: added scale at the last layer."),
-    seed: int | None = typer.Option(None, help="Seed for DARE's random drops."),
+    method: str | None = typer.Option(None, "--method", "-m", help="Merge method (the methods are listed below)."),
+    density: float | None = typer.Option(None, help="Method option (see the methods below)."),
+    gamma: float | None = typer.Option(None, help="Method option (see the methods below)."),
+    scaling: float | None = typer.Option(None, help="Option of every method (see below)."),
+    majority_sign: str | None = typer.Option(None, help="Method option (see the methods below)."),
+    lines_alpha: float | None = typer.Option(None, help="Option of every method (see below)."),
+    lines_beta: float | None = typer.Option(None, help="Option of every method (see below)."),
+    seed: int | None = typer.Option(None, help="Method option (see the methods below)."),
     rank: int | None = typer.Option(None, help="Adapter rank (SVD); linear merges are exact without it."),
     kind: str | None = typer.Option(None, help="Output: adapter (LoRA) or full (base + update)."),
     base: str | None = typer.Option(None, help="Base model folder or name (for --kind full)."),
     out: str | None = typer.Option(None, "--out", "-o", help="Library name (adapter + library) or folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
-    """Merge experts (linear, task_arithmetic, ties, dare_*, breadcrumbs, magnitude_prune, lines, slerp)."""
+    """Merge experts into one LoRA adapter or a full model. A flag a method does not take is refused."""
     from rich.progress import Progress
 
     from moerge.merge import MERGE_METHODS, load_merge_spec, run_merge
@@ -67,7 +98,7 @@ def merge(
         "output": {"kind": kind, "rank": rank, "base": base, "out": out, "overwrite": overwrite or None},
     }
     if config is None and method is None:
-        raise MoergeError(f"--method: required without a config file (known: {', '.join(sorted(MERGE_METHODS))})")
+        raise MoergeError(f"--method: required without a config file (known: {', '.join(MERGE_METHODS.names())})")
     spec = load_merge_spec(config, flags)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"merging ({spec.method})", total=None)
@@ -86,4 +117,4 @@ def merge(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("merge")(merge)
+    app.command("merge", cls=_MergeCommand)(merge)

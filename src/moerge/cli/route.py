@@ -6,9 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand
 
+from moerge.cli.help import field_help
 from moerge.errors import MoergeError
 from moerge.progress import output_console
 
@@ -26,12 +30,45 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
-def _option_value(text: str) -> Any:
-    """Option values are JSON when they parse (numbers, true, lists, objects), else plain strings."""
+def _option_values(values: list[str] | None) -> dict[str, Any]:
+    """`--option key=value` pairs. A value starting with { or [ is JSON (a mapping or a list, e.g.
+    descriptions={"alpha": "fruit"}); any other value stays text, for the router's options model to
+    coerce (steps=3, lr=1e-3, describer=chat) or refuse with the option's name."""
+    out: dict[str, Any] = {}
+    for key, text in _pairs(values, "--option").items():
+        out[key] = _json_value(key, text) if text.startswith(("{", "[")) else text
+    return out
+
+
+def _json_value(key: str, text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+    except json.JSONDecodeError as exc:
+        from moerge.yamlconf import Source
+
+        raise Source("--option").error([key], f"not valid JSON ({exc.msg})") from None
+
+
+def routers_help() -> str:
+    """Every router with its options, read from the options models (so the help cannot go stale)."""
+    from moerge.route import ROUTERS
+
+    lines = ["Routers (--router) and their options (--option key=value):"]
+    for name, cls in ROUTERS.items():
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        model = cls.options_model
+        options = [escape(f"  {key}: {field_help(model, key)}") for key in model.model_fields] or ["  no options"]
+        lines += ["", f"[bold]{escape(name)}[/bold]: {escape(summary)}", *options]
+    return "\n".join(lines)
+
+
+class _BuildCommand(TyperCommand):
+    """`route build --help` ends with `routers_help()`, computed only when help is shown: importing
+    the routers (and torch) when the CLI starts would slow every command."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.epilog = routers_help()
+        super().format_help(ctx, formatter)
 
 
 def _experts(library: Any, names: str | None) -> dict[str, Path]:
@@ -58,7 +95,7 @@ def _default_base(experts: dict[str, Path]) -> str:
 
 
 def build(
-    router: str = typer.Option(..., "--router", "-r", help="oracle, uniform, arrow, centroid, classifier, ..."),
+    router: str = typer.Option(..., "--router", "-r", help="Router to build (the routers are listed below)."),
     out: Path = typer.Option(..., "--out", "-o", help="Router folder to write."),
     library: str | None = typer.Option(None, "--library", "-l", help="Expert library (artifacts are cached)."),
     experts: str | None = typer.Option(None, help="Comma-separated expert names or folders (default: all)."),
@@ -70,13 +107,17 @@ def build(
     temperature: float | None = typer.Option(None, help="Scores are divided by this before the softmax."),
     granularity: str | None = typer.Option(None, help="token, example or task."),
     aggregation: str | None = typer.Option(None, help="mix (outputs) or merge (per-example ΔW)."),
-    option: list[str] | None = typer.Option(None, "--option", help="Router option key=value (repeatable)."),
+    option: list[str] | None = typer.Option(
+        None, "--option", help="Router option key=value (repeatable; JSON for mappings). Options are listed below."
+    ),
     data: list[str] | None = typer.Option(None, "--data", help="expert=task spec for its training data."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing router folder."),
 ) -> None:
     """Prepare a router over experts and write it as a folder (config.json + tensors.safetensors)."""
-    from moerge.route import build_router
+    from moerge.route import build_router, get_router
+    from moerge.yamlconf import Source
 
+    options = get_router(router, field="--router").parse_options(_option_values(option), Source("--option"))
     lib = None
     if library is not None:
         from moerge.library import ExpertLibrary
@@ -92,7 +133,6 @@ def build(
         "granularity": granularity,
         "aggregation": aggregation,
     }
-    options = {k: _option_value(v) for k, v in _pairs(option, "--option").items()}
     with console.status(f"building {router} router over {len(folders)} experts"):
         path = build_router(
             router,
@@ -145,6 +185,6 @@ def explain(
 
 
 def register(root: typer.Typer) -> None:
-    app.command("build")(build)
+    app.command("build", cls=_BuildCommand)(build)
     app.command("explain")(explain)
     root.add_typer(app, name="route")

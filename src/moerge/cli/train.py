@@ -3,50 +3,72 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
+import yaml
 from rich.console import Console
 
+from moerge.cli.help import field_help, registry_epilog
 from moerge.errors import MoergeError
+from moerge.train.config import TrainConfig
+from moerge.train.methods import METHODS
+from moerge.train.methods.base import LoraOptions
 
 console = Console()
 
 
+def _pairs(values: list[str] | None) -> dict[str, Any]:
+    """`--option key=value` pairs; values are YAML scalars/lists (8, 0.5, true, [a, b]) or plain text."""
+    out: dict[str, Any] = {}
+    for value in values or []:
+        key, sep, text = value.partition("=")
+        if not sep or not key.strip():
+            raise MoergeError(f"--option: expected key=value, got {value!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            out[key.strip()] = text
+    return out
+
+
+def methods_epilog() -> str:
+    return registry_epilog("Training methods and their options", ((n, m.options) for n, m in METHODS.items()))
+
+
 def train(
     recipe: Path | None = typer.Argument(
-        None, help="YAML recipe: the options below (options win), optionally with a `stages:` list"
+        None, help="YAML file: the settings below (options given here win), optionally with a `stages:` list"
     ),
     base: str | None = typer.Option(None, "--base", help="base model: cached name, local folder or hub id"),
-    task: str | None = typer.Option(None, "--task", help="data file, datasets folder, gym:<name> or bigbench:<task>"),
-    method: str | None = typer.Option(
-        None,
-        "--method",
-        help="lora, dora, rslora, pissa, olora, eva, corda, lora_ga, ia3, full, hft, bitfit or freeze_lower",
+    task: str | None = typer.Option(None, "--task", help=field_help(TrainConfig, "task")),
+    method: str | None = typer.Option(None, "--method", help=f"one of {', '.join(METHODS.names())} (default lora)"),
+    out: Path | None = typer.Option(None, "--out", help=field_help(TrainConfig, "out")),
+    rank: int | None = typer.Option(None, "--rank", help=field_help(LoraOptions, "rank")),
+    alpha: float | None = typer.Option(None, "--alpha", help=field_help(LoraOptions, "alpha")),
+    target_modules: str | None = typer.Option(None, "--target-modules", help=field_help(LoraOptions, "target_modules")),
+    option: list[str] | None = typer.Option(
+        None, "--option", help="any other option of the method, key=value (repeatable; see the list below)"
     ),
-    out: Path | None = typer.Option(None, "--out", help="expert folder to write"),
-    rank: int | None = typer.Option(None, "--rank", help="adapter rank r (default 8)"),
-    alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha (default 16)"),
-    target_modules: str | None = typer.Option(None, "--target-modules", help="comma-separated module names"),
-    lr: float | None = typer.Option(None, "--lr", help="learning rate (default: the method's)"),
-    steps: int | None = typer.Option(None, "--steps", help="optimizer steps (overrides --epochs)"),
-    epochs: float | None = typer.Option(None, "--epochs", help="passes over the training split (default 1)"),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="examples per step (default 8)"),
-    max_length: int | None = typer.Option(None, "--max-length", help="max tokens per example (default 256)"),
-    seed: int | None = typer.Option(None, "--seed", help="seed for splits, init and data order (default 0)"),
-    limit: int | None = typer.Option(None, "--limit", help="use at most this many examples of the task"),
-    eval_limit: int | None = typer.Option(None, "--eval-limit", help="evaluate on at most this many test examples"),
+    lr: float | None = typer.Option(None, "--lr", help=field_help(TrainConfig, "lr")),
+    steps: int | None = typer.Option(None, "--steps", help=field_help(TrainConfig, "steps")),
+    epochs: float | None = typer.Option(None, "--epochs", help=field_help(TrainConfig, "epochs")),
+    batch_size: int | None = typer.Option(None, "--batch-size", help=field_help(TrainConfig, "batch_size")),
+    max_length: int | None = typer.Option(None, "--max-length", help=field_help(TrainConfig, "max_length")),
+    seed: int | None = typer.Option(None, "--seed", help=field_help(TrainConfig, "seed")),
+    limit: int | None = typer.Option(None, "--limit", help=field_help(TrainConfig, "limit")),
+    eval_limit: int | None = typer.Option(None, "--eval-limit", help=field_help(TrainConfig, "eval_limit")),
     checkpoint_every: int | None = typer.Option(
-        None, "--checkpoint-every", help="save a checkpoint every N steps (default 20)"
+        None, "--checkpoint-every", help=field_help(TrainConfig, "checkpoint_every")
     ),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its checkpoint"),
     restart: bool = typer.Option(False, "--restart", help="discard an interrupted run's checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing expert folder"),
     json_out: bool = typer.Option(False, "--json", help="print the expert's metadata as JSON"),
 ) -> None:
-    """Train an expert and write its folder (peft files + moerge.json); recipes may chain stages."""
+    """Train an expert and write its folder (peft files + moerge.json); YAML files may chain stages."""
     from moerge.recipes.train import train_expert, train_recipe
-    from moerge.train import TrainConfig, load_recipe
-    from moerge.train.config import Recipe, config_from_dict
+    from moerge.train.config import StagedConfig, config_from_dict, load_train_config
 
     options = {
         "base": base,
@@ -64,18 +86,19 @@ def train(
         "limit": limit,
         "eval_limit": eval_limit,
         "checkpoint_every": checkpoint_every,
+        **_pairs(option),
     }
     if recipe is not None:
-        cfg: TrainConfig | Recipe = load_recipe(recipe, options)
+        cfg: TrainConfig | StagedConfig = load_train_config(recipe, options)
     else:
         missing = [f"--{k}" for k in ("base", "task") if options[k] is None]
         if missing:
             raise MoergeError(f"missing {' and '.join(missing)} (or give a recipe file)")
-        cfg = config_from_dict({k: v for k, v in options.items() if v is not None})
+        cfg = config_from_dict({k: v for k, v in options.items() if v is not None}, "command-line options")
     out = out or (Path(cfg.out) if cfg.out else None)
     if out is None:
         raise MoergeError("missing --out (the expert folder to write)")
-    run = train_recipe if isinstance(cfg, Recipe) else train_expert
+    run = train_recipe if isinstance(cfg, StagedConfig) else train_expert
     meta = run(cfg, out, resume=resume, restart=restart, overwrite=overwrite)
     if json_out:
         console.print_json(meta.model_dump_json())
@@ -96,10 +119,9 @@ def train_library_command(
     json_out: bool = typer.Option(False, "--json", help="print what was trained or reused as JSON"),
 ) -> None:
     """Train one expert per task of a recipe into a library; reruns skip finished experts and resume."""
-    from moerge.recipes.library import load_recipe as load_library_recipe
-    from moerge.recipes.library import train_library
+    from moerge.recipes.library import load_library_config, train_library
 
-    outcome = train_library(load_library_recipe(recipe))
+    outcome = train_library(load_library_config(recipe))
     if json_out:
         console.print_json(data=outcome)
     else:

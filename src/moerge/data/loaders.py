@@ -14,23 +14,28 @@ from moerge.data.task import Example, Task, split_examples
 from moerge.errors import MoergeError
 
 
+def _sources() -> list[TaskSource]:
+    """The registered sources (their prefixes, suffixes and folder kinds do not overlap, so order is free)."""
+    return [source for _, source in SOURCES.items()]
+
+
 def known_sources() -> str:
-    return ", ".join(src.usage for src in SOURCES.values())
+    return ", ".join(src.usage for src in _sources())
 
 
 def resolve_source(spec: str) -> TaskSource:
     """Pick the source for `spec`: explicit prefix first, then file suffix, then an existing folder."""
     prefix, sep, _ = spec.partition(":")
     if sep:
-        for src in SOURCES.values():
+        for src in _sources():
             if src.prefix == prefix:
                 return src
     suffix = Path(spec).suffix.lower()
-    for src in SOURCES.values():
+    for src in _sources():
         if suffix and suffix in src.suffixes:
             return src
     if Path(spec).is_dir():
-        for src in SOURCES.values():
+        for src in _sources():
             if src.folder:
                 return src
     if Path(spec).is_file():

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from moerge.data.task import Example, Scorer, exact_match
+from moerge.registry import Registry
 
 SPLITS = ("train", "validation", "test")
 
@@ -40,7 +41,7 @@ class TaskSource:
     folder: bool = False
 
 
-SOURCES: dict[str, TaskSource] = {}
+SOURCES: Registry[TaskSource] = Registry("task source")
 
 
 def task_source(
@@ -49,7 +50,7 @@ def task_source(
     """Register a loader; `usage` is what error messages show users as the accepted form."""
 
     def register(fn: Loader) -> Loader:
-        SOURCES[name] = TaskSource(name, usage, fn, prefix, suffixes, folder)
+        SOURCES.register(name, TaskSource(name, usage, fn, prefix, suffixes, folder))
         return fn
 
     return register

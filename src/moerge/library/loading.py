@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moerge.errors import MoergeError
-from moerge.library.expert import check_expert_intact, is_expert_folder
+from moerge.library.adapter import LoraAdapter, PeftAdapter, open_adapter
+from moerge.library.expert import check_expert_intact, is_expert_folder, read_expert_meta
 from moerge.models.loading import fingerprint, load_base
 
 if TYPE_CHECKING:
@@ -26,15 +27,16 @@ def load_model(
     folder = Path(adapter)
     if not folder.is_dir():
         raise MoergeError(f"{folder}: expert folder not found")
-    meta = check_expert_intact(folder) if is_expert_folder(folder) else None
-    if meta is not None and meta.kind == "full":
+    if is_expert_folder(folder) and read_expert_meta(folder).kind == "full":
+        meta = check_expert_intact(folder)
         model, tokenizer = load_base(folder, device=device)
         _check_base(meta.base.fingerprint, fingerprint(base), folder, base)
         return model, tokenizer
+    expert = open_adapter(folder)
     model, tokenizer = load_base(base, device=device)
-    if meta is not None:
-        _check_base(meta.base.fingerprint, fingerprint(model), folder, base)
-    peft_model = _attach_adapter(model, folder)
+    if expert.meta is not None:
+        _check_base(expert.fingerprint, fingerprint(model), folder, base)
+    peft_model = _attach_adapter(model, expert)
     return (peft_model.merge_and_unload() if merge else peft_model), tokenizer
 
 
@@ -45,18 +47,19 @@ def _check_base(expected: str, actual: str, folder: Path, base: str | Path) -> N
         )
 
 
-def _attach_adapter(model: PreTrainedModel, folder: Path) -> PreTrainedModel:
+def _attach_adapter(model: PreTrainedModel, adapter: PeftAdapter) -> PreTrainedModel:
+    """peft applies the adapter `open_adapter` validated (a LoRA's modules checked against the model first)."""
     from peft import PeftModel
     from safetensors import SafetensorError
 
-    if not (folder / "adapter_config.json").is_file():
-        raise MoergeError(f"{folder}: no adapter_config.json (not a peft adapter folder)")
+    if isinstance(adapter, LoraAdapter):
+        adapter.check_against(model)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(folder))
+        peft_model = PeftModel.from_pretrained(model, str(adapter.folder))
     except SafetensorError as exc:
-        raise MoergeError(f"{folder}/adapter_model.safetensors: corrupted safetensors file ({exc})") from None
+        raise MoergeError(f"{adapter.weights_path}: corrupted safetensors file ({exc})") from None
     except (ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MoergeError(f"{folder}: could not load adapter: {first}") from None
+        raise MoergeError(f"{adapter.folder}: could not load adapter: {first}") from None
     peft_model.eval()
     return peft_model

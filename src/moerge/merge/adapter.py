@@ -9,7 +9,6 @@ its relative reconstruction error is reported. The adapter uses lora_alpha = r, 
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from moerge.merge.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from moerge.library.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from moerge.merge.plan import MergePlan, release_freed_memory
 from moerge.paths import write_json_atomic
 
@@ -100,7 +99,7 @@ def write_adapter(folder: Path, plan: MergePlan, factors: dict[str, Factors]) ->
 
 def adapter_config(plan: MergePlan, rank: int) -> dict[str, Any]:
     """The first source's peft config, re-targeted at the merged modules with scaling 1."""
-    config = copy.deepcopy(plan.experts[0].config)
+    config = plan.experts[0].config.model_dump(mode="json")
     config.update(
         r=rank,
         lora_alpha=rank,

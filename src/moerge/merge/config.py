@@ -6,7 +6,7 @@ library: ~/experts            # optional: experts are then library names
 experts:
   - {name: arithmetic, weight: 1.0}
   - {path: ./runs/sorting, weight: 0.5}
-parameters: {density: 0.2, majority_sign: total, seed: 0}
+parameters: {density: 0.2, majority_sign: total}   # the method's own options (see methods.py)
 output: {kind: adapter, rank: 16, out: merged-ties}
 ```
 Errors name the file and line of the offending entry.
@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moerge.errors import MoergeError
+from moerge.merge.methods import MERGE_METHODS, MergeMethod, MergeOptions
 from moerge.yamlconf import Source, read_yaml, validate
 
 
@@ -89,6 +90,16 @@ class MergeSpec(BaseModel):
     def weights(self) -> list[float]:
         return [e.weight for e in self.experts]
 
+    def method_and_options(self, source: Source | None = None) -> tuple[MergeMethod, MergeOptions]:
+        """The merge method and `parameters` as its typed options; errors point into `source` (the
+        spec's file), so a parameter the method does not take is named with its line."""
+        source = source or Source("merge")
+        try:
+            method = MERGE_METHODS.get(self.method)
+        except MoergeError as exc:
+            raise source.error(["method"], str(exc)) from None
+        return method, method.parse_options(self.parameters, source.at("parameters"))
+
 
 def apply_overrides(raw: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
     """Merge command-line flags over a config dict (flags left as None change nothing).
@@ -118,9 +129,12 @@ def apply_overrides(raw: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any
 
 
 def load_merge_spec(config: Path | None, flags: dict[str, Any]) -> MergeSpec:
-    """Read the YAML config (if any), apply flags, validate; errors point at file and line."""
+    """Read the YAML config (if any), apply flags, validate (the method's options too); errors point
+    at file and line."""
     raw: dict[str, Any] = {}
     source = Source("options")
     if config is not None:
         raw, source = read_yaml(config, "merge config")
-    return validate(MergeSpec, apply_overrides(raw, flags), source)
+    spec = validate(MergeSpec, apply_overrides(raw, flags), source)
+    spec.method_and_options(source)  # an unknown method or option is refused here, at its line
+    return spec

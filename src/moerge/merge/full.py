@@ -125,7 +125,7 @@ def check_modules_in_base(plan: MergePlan, specs: dict[str, TensorSpec]) -> None
         if spec is None:
             raise MoergeError(f"output.base: has no weight {module}.weight that the experts adapt")
         expected = next(e.shape(module) for e in plan.experts if module in e.modules)
-        if plan.experts[0].fan_in_fan_out:
+        if plan.fan_in_fan_out:
             expected = expected[::-1]
         if spec.shape != expected:
             raise MoergeError(f"output.base: {module}.weight is {spec.shape}, experts expect {expected}")
@@ -143,7 +143,7 @@ def merged_tensors(
         module = targets.get(spec.name)
         if module is not None:
             delta = plan.delta(module)
-            delta = delta.T if plan.experts[0].fan_in_fan_out else delta
+            delta = delta.T if plan.fan_in_fan_out else delta
             tensor = (tensor.float() + delta).to(tensor.dtype)
             del delta
             release_freed_memory()

@@ -1,4 +1,4 @@
-"""A merge plan: experts, method, weights and parameters, answering per module.
+"""A merge plan: experts, method, weights and options, answering per module.
 
 Both output writers (adapter, full) ask the plan for one module at a time, so at most one
 module's expert updates are in memory.
@@ -8,28 +8,44 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import dataclasses
 import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from moerge.errors import MoergeError
-from moerge.merge.experts import LoraExpert, union_modules
-from moerge.merge.methods import MergeMethod, MergeParams, post_scale
+from moerge.library.adapter import LoraAdapter, check_same_base, check_same_shapes
+from moerge.merge.methods import MergeMethod, MergeOptions, SeededOptions, post_scale
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
+def open_experts(folders: dict[str, Path]) -> list[LoraAdapter]:
+    """Open every expert (label → folder) for merging; refuse a mix of base models or layouts."""
+    if not folders:
+        raise MoergeError("experts: no experts given")
+    experts = [
+        LoraAdapter.open(folder, label=label).require_plain("merging", allow={"fan_in_fan_out"})
+        for label, folder in folders.items()
+    ]
+    check_same_base(experts)
+    check_same_shapes(experts)
+    if len({e.config.fan_in_fan_out for e in experts}) > 1:
+        raise MoergeError("experts: mix of fan_in_fan_out and regular layouts (different base models)")
+    return experts
+
+
 @dataclass(frozen=True)
 class MergePlan:
-    experts: list[LoraExpert]
+    experts: list[LoraAdapter]
     method: MergeMethod
     weights: torch.Tensor
-    params: MergeParams
+    options: MergeOptions
 
     def __post_init__(self) -> None:
         if len(self.weights) != len(self.experts):
@@ -41,7 +57,13 @@ class MergePlan:
 
     @cached_property
     def modules(self) -> list[str]:
-        return union_modules(self.experts)
+        """Every module any expert adapts, in network order."""
+        return sorted({m for e in self.experts for m in e.modules}, key=_natural_key)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """The experts' layers store their weight as (in, out) (GPT-2's Conv1D): Δ is applied transposed."""
+        return self.experts[0].config.fan_in_fan_out
 
     @cached_property
     def n_layers(self) -> int:
@@ -49,12 +71,17 @@ class MergePlan:
         indices = [layer_index(m) for m in self.modules]
         return max((i for i in indices if i is not None), default=0) + 1
 
-    def params_for(self, module: str) -> MergeParams:
-        """The run's parameters with this module's depth and its own reproducible random stream."""
+    def layer_fraction(self, module: str) -> float:
+        """The module's depth (ℓ−1)/(L−1) for LiNeS (1 outside the numbered blocks)."""
         index = layer_index(module)
-        fraction = 1.0 if index is None or self.n_layers == 1 else index / (self.n_layers - 1)
-        seed = (self.params.seed * 1_000_003 + zlib.crc32(module.encode())) % 2**63
-        return dataclasses.replace(self.params, layer_fraction=fraction, seed=seed)
+        return 1.0 if index is None or self.n_layers == 1 else index / (self.n_layers - 1)
+
+    def options_for(self, module: str) -> MergeOptions:
+        """The run's options; a random method's seed replaced by this module's own reproducible stream."""
+        if not isinstance(self.options, SeededOptions):
+            return self.options
+        seed = (self.options.seed * 1_000_003 + zlib.crc32(module.encode())) % 2**63
+        return self.options.model_copy(update={"seed": seed})
 
     def task_vectors(self, module: str) -> torch.Tensor:
         """(experts, out, in): each expert's Δ of `module`, zero for an expert without it."""
@@ -68,15 +95,15 @@ class MergePlan:
 
     def delta(self, module: str) -> torch.Tensor:
         """The merged update of `module` (adapter layout)."""
-        params = self.params_for(module)
-        return self.method.fn(self.task_vectors(module), self.weights, params) * post_scale(params)
+        merged = self.method.fn(self.task_vectors(module), self.weights, self.options_for(module))
+        return merged * post_scale(self.options, self.layer_fraction(module))
 
     def coefficients(self, module: str) -> torch.Tensor:
         """Linear methods only: c_k with merged Δ = Σ c_k·Δ_k for this module."""
         if self.method.coefficients is None:
             raise MoergeError(f"method: {self.method.name} is not a linear combination")
-        params = self.params_for(module)
-        return self.method.coefficients(self.weights, params) * post_scale(params)
+        coefficients = self.method.coefficients(self.weights, self.options_for(module))
+        return coefficients * post_scale(self.options, self.layer_fraction(module))
 
 
 def release_freed_memory() -> None:
@@ -103,3 +130,7 @@ def layer_index(module: str) -> int | None:
     """The transformer block a module sits in (first number in its dotted name), if any."""
     match = _LAYER.search(f".{module}.")
     return int(match[1]) if match else None
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

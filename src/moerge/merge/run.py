@@ -7,7 +7,6 @@ reconstruction errors.
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,13 +16,12 @@ from typing import Any
 import torch
 
 from moerge.errors import MoergeError
+from moerge.library.adapter import LoraAdapter
 from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo, write_expert_meta
 from moerge.merge.adapter import merge_to_factors, write_adapter
 from moerge.merge.config import MergeSpec
-from moerge.merge.experts import LoraExpert, open_experts
 from moerge.merge.full import check_base_fingerprint, resolve_base_folder, write_full
-from moerge.merge.methods import MergeParams, get_method
-from moerge.merge.plan import MergePlan
+from moerge.merge.plan import MergePlan, open_experts
 from moerge.paths import atomic_directory
 
 Progress = Callable[[int, int, str], None]
@@ -36,20 +34,10 @@ class MergeResult:
     reconstruction_error: dict[str, float]
 
 
-def build_params(method_name: str, parameters: dict[str, Any]) -> MergeParams:
-    """The method's defaults overridden by the user's parameters; unknown keys are refused."""
-    known = {f.name for f in dataclasses.fields(MergeParams)} - {"layer_fraction"}
-    unknown = sorted(set(parameters) - known)
-    if unknown:
-        raise MoergeError(f"parameters: unknown {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return MergeParams(**{**get_method(method_name).defaults, **parameters})
-
-
 def build_plan(spec: MergeSpec) -> MergePlan:
-    method = get_method(spec.method)
-    params = build_params(spec.method, spec.parameters)
+    method, options = spec.method_and_options()
     experts = open_experts(spec.folders())
-    return MergePlan(experts, method, torch.tensor(spec.weights, dtype=torch.float32), params)
+    return MergePlan(experts, method, torch.tensor(spec.weights, dtype=torch.float32), options)
 
 
 def run_merge(spec: MergeSpec, progress: Progress | None = None) -> MergeResult:
@@ -103,7 +91,7 @@ def merged_meta(
 ) -> ExpertMeta:
     """Metadata of the merged expert, with full provenance."""
     method = f"merge:{plan.method.name}"
-    parameters = plan.params.recorded()
+    parameters = plan.options.model_dump(mode="json")
     hyper = {"method": plan.method.name, "weights": spec.weights, **parameters, **extra}
     provenance = {
         "method": plan.method.name,
@@ -124,7 +112,7 @@ def merged_meta(
     )
 
 
-def _source(expert: LoraExpert, weight: float) -> dict[str, Any]:
+def _source(expert: LoraAdapter, weight: float) -> dict[str, Any]:
     meta = expert.meta
     return {
         "name": expert.label,
@@ -136,9 +124,9 @@ def _source(expert: LoraExpert, weight: float) -> dict[str, Any]:
     }
 
 
-def _base_info(experts: list[LoraExpert]) -> BaseInfo:
+def _base_info(experts: list[LoraAdapter]) -> BaseInfo:
     """An adapter merge sits on its sources' base."""
     for expert in experts:
         if expert.meta is not None:
             return expert.meta.base
-    return BaseInfo(name_or_path=str(experts[0].config.get("base_model_name_or_path") or "unknown"))
+    return BaseInfo(name_or_path=experts[0].config.base_model_name_or_path or "unknown")

@@ -22,8 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.console import Console
 
 from moerge.errors import MoergeError
@@ -32,6 +31,7 @@ from moerge.library.library import validate_name
 from moerge.paths import moerge_home
 from moerge.recipes.train import train_expert
 from moerge.train.config import TrainConfig, config_from_dict
+from moerge.yamlconf import Source, read_yaml, validate
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -60,7 +60,7 @@ class TaskEntry(BaseModel):
         return self.name or _UNSAFE.sub("-", self.task).strip(".-")[:128] or "expert"
 
 
-class LibraryRecipe(BaseModel):
+class LibraryConfig(BaseModel):
     """What `train-library` needs; unknown keys are errors so typos do not silently do nothing."""
 
     model_config = ConfigDict(extra="forbid")
@@ -78,7 +78,7 @@ class LibraryRecipe(BaseModel):
         return tasks
 
     @model_validator(mode="after")
-    def _unique_names(self) -> LibraryRecipe:
+    def _unique_names(self) -> LibraryConfig:
         seen: dict[str, int] = {}
         for i, entry in enumerate(self.tasks):
             if entry.expert_name in seen:
@@ -94,43 +94,39 @@ class LibraryRecipe(BaseModel):
         return {**self.hyperparameters, **entry.overrides}
 
 
-def load_recipe(path: str | Path) -> LibraryRecipe:
-    """Read a recipe YAML; errors name the file, the line or the field."""
+def load_library_config(path: str | Path) -> LibraryConfig:
+    """Read a library recipe; errors name the file, the line and the field."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise MoergeError(f"{path}: not found") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise MoergeError(f"{path}: {where}invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(raw, dict):
-        raise MoergeError(f"{path}: expected a mapping with base, library, method, hyperparameters, tasks")
-    try:
-        recipe = LibraryRecipe.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"field {'.'.join(str(p) for p in err['loc']) or 'recipe'!r}: {err['msg']}" for err in exc.errors()[:3]
-        )
-        raise MoergeError(f"{path}: {problems}") from None
-    if "://" not in recipe.library and not Path(recipe.library).is_absolute():
-        recipe = recipe.model_copy(update={"library": str((path.parent / recipe.library).resolve())})
-    return recipe
+    raw, source = read_yaml(path, "library recipe")
+    config = validate(LibraryConfig, raw, source)
+    if "://" not in config.library and not Path(config.library).is_absolute():
+        config = config.model_copy(update={"library": str((path.parent / config.library).resolve())})
+    check_entries(config, source)
+    return config
+
+
+def check_entries(config: LibraryConfig, source: Source) -> None:
+    """Build every expert's training settings now, so a bad hyper-parameter fails before any training,
+    pointing at its line (the shared `hyperparameters`, or a task's `overrides`)."""
+    first = config.tasks[0]
+    entry_config(config, first.model_copy(update={"overrides": {}}), source.at("hyperparameters"))
+    for index, entry in enumerate(config.tasks):
+        entry_config(config, entry, source.at("tasks", index, "overrides"))
 
 
 console = Console(stderr=True)
 
 
-def entry_config(recipe: LibraryRecipe, entry: TaskEntry) -> TrainConfig:
+def entry_config(config: LibraryConfig, entry: TaskEntry, source: Source | None = None) -> TrainConfig:
+    """The training settings of one task's expert: shared hyper-parameters, then the task's overrides."""
     raw = {
-        **recipe.settings(entry),
-        "base": recipe.base,
+        **config.settings(entry),
+        "base": config.base,
         "task": entry.task,
-        "method": recipe.method,
+        "method": config.method,
         "name": entry.expert_name,
     }
-    return config_from_dict(raw, source=f"recipe task {entry.expert_name!r}")
+    return config_from_dict(raw, source or Source(f"library recipe, task {entry.expert_name!r}"))
 
 
 def is_up_to_date(library: ExpertLibrary, name: str, cfg: TrainConfig) -> bool:
@@ -152,7 +148,7 @@ def open_or_create(location: str) -> ExpertLibrary:
         return ExpertLibrary.create(location)  # refuses, clearly, a non-empty folder that is not a library
 
 
-def train_library(recipe: LibraryRecipe, *, progress: bool = True) -> dict[str, str]:
+def train_library(recipe: LibraryConfig, *, progress: bool = True) -> dict[str, str]:
     """Train every expert the recipe lists into its library; returns name → 'trained' or 'reused'."""
     library = open_or_create(recipe.library)
     configs = [(entry.expert_name, entry_config(recipe, entry)) for entry in recipe.tasks]

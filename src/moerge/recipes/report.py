@@ -1,34 +1,50 @@
-"""Turning raw comparison results into the table, CSV, Markdown and a self-contained HTML report."""
+"""Turning raw comparison results into tables, plots, CSV, Markdown and a self-contained HTML report.
+
+Each table (main results, per task, experts) is built once as a moerge.tables.Table; the terminal,
+report.md, report.html and results.csv all render that value, so their headers and numbers agree.
+"""
 
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import math
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-from rich.table import Table
+from typing import Any, NamedTuple
 
 from moerge.eval.stats import stratified_ci, summarise
 from moerge.paths import write_json_atomic
+from moerge.tables import Cell, Column, Interval, Table, cell
 
-COLUMNS = [
-    ("strategy", "strategy"),
-    ("held_in", "held-in acc"),
-    ("held_out", "held-out acc"),
-    ("forgetting_loss", "Δ probe loss"),
-    ("forgetting_acc", "Δ general acc"),
-    ("routing_accuracy", "routing acc"),
-    ("added_params", "added params"),
-    ("active_params", "active params"),
-    ("latency_ms", "ms / example"),
-    ("peak_memory_mb", "peak MB"),
-]
+STRATEGY = Column("strategy", "strategy")
+COLUMNS = (
+    STRATEGY,
+    Column("kind", "kind", shown=False),
+    Column("held_in", "held-in acc", "right", interval=True),
+    Column("held_out", "held-out acc", "right", interval=True),
+    Column("forgetting_loss", "Δ probe loss", "right"),
+    Column("forgetting_acc", "Δ general acc", "right"),
+    Column("routing_accuracy", "routing acc", "right"),
+    Column("added_params", "added params", "right"),
+    Column("active_params", "active params", "right"),
+    Column("latency_ms", "ms / example", "right"),
+    Column("peak_memory_mb", "peak MB", "right"),
+)
+"""The main table's columns, each a key of a summarised row; kind is data only (results.csv)."""
+
+
+def _reference_rows(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(base, oracle): the untouched model that forgetting and expert gains are measured against, and the
+    strategy that gives each task its own expert. The one place the report knows strategy kinds."""
+
+    def first(kind: str) -> dict[str, Any] | None:
+        return next((r for r in rows if r["kind"] == kind), None)
+
+    return first("base"), first("oracle")
 
 
 def _mean(values: list[float]) -> float | None:
@@ -74,7 +90,7 @@ def summarise_results(raw: list[dict[str, Any]], *, held_in: list[str], held_out
                 "peak_memory_mb": max((t.get("peak_memory_mb", 0) for t in tasks.values()), default=0),
             }
         )
-    base = next((r for r in rows if r["kind"] == "base"), None)
+    base, _ = _reference_rows(rows)
     for r in rows:
         # Forgetting as "after − before" in the direction of ability: negative means the strategy forgot.
         r["forgetting_loss"] = (
@@ -91,38 +107,111 @@ def summarise_results(raw: list[dict[str, Any]], *, held_in: list[str], held_out
 
 
 def fmt(key: str, value: Any) -> str:
+    """How the report shows a value of the column `key`: the same text in every table and every output."""
     if value is None:
         return "—"
     if isinstance(value, dict):  # a score with its interval
         return f"{value['mean']:.3f} [{value['ci_low']:.2f}, {value['ci_high']:.2f}]"
     if key in ("added_params", "active_params"):
         return f"{value / 1e6:.2f}M" if value else "0"
-    if key in ("forgetting_loss", "forgetting_acc"):
+    if key == "trainable_params":
+        return f"{value:,}"
+    if key in ("forgetting_loss", "forgetting_acc", "expert_gain"):
         return f"{value:+.3f}"
-    if key in ("latency_ms", "peak_memory_mb"):
+    if key in ("latency_ms", "peak_memory_mb", "train_time_s"):
         return f"{value:.0f}"
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
 
 
-def markdown_table(results: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(label for _, label in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in results["rows"]:
-        lines.append("| " + " | ".join(fmt(k, r.get(k)) for k, _ in COLUMNS) + " |")
-    return "\n".join(lines)
+def _cell(key: str, value: Any) -> Cell:
+    """A report value as a cell: scores with intervals become Intervals, so the CSV gets three numbers."""
+    raw = Interval(value["mean"], value["ci_low"], value["ci_high"]) if isinstance(value, dict) else value
+    return Cell(raw, fmt(key, value))
 
 
-def per_task_table(results: dict[str, Any]) -> str:
-    tasks = [*results["held_in"], *results["held_out"]]
-    header = "| strategy | " + " | ".join(f"{t}{' (out)' if t in results['held_out'] else ''}" for t in tasks) + " |"
-    lines = [header, "|" + "---|" * (len(tasks) + 1)]
-    for r in results["rows"]:
-        cells = [f"{r['per_task'][t]['mean']:.3f}" if t in r["per_task"] else "—" for t in tasks]
-        lines.append(f"| {r['strategy']} | " + " | ".join(cells) + " |")
+def _tasks(results: dict[str, Any]) -> list[str]:
+    return [*results["held_in"], *results["held_out"]]
+
+
+def _task_column(results: dict[str, Any], task: str) -> Column:
+    return Column(f"task:{task}", f"{task} (held-out)" if task in results["held_out"] else task, "right")
+
+
+def _task_cell(row: dict[str, Any], task: str) -> Cell:
+    return _cell(f"task:{task}", row["per_task"].get(task, {}).get("mean"))
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    """The main table, one row per strategy.
+
+    Shown: COLUMNS. results.csv renders it with every column, headed by keys: strategy, kind, held_in,
+    held_in_ci_low, held_in_ci_high, the same three for held_out, forgetting_loss, forgetting_acc,
+    routing_accuracy, added_params, active_params, latency_ms, peak_memory_mb, then task:<name> (mean
+    test accuracy) for each held-in and held-out task. Empty field: not measured.
+    """
+    tasks = _tasks(results)
+    columns = [*COLUMNS, *(replace(_task_column(results, t), shown=False) for t in tasks)]
+    rows = [
+        [*(_cell(c.key, r.get(c.key)) for c in COLUMNS), *(_task_cell(r, t) for t in tasks)] for r in results["rows"]
+    ]
+    return Table("moerge compare (95% intervals in brackets)", columns, rows)
+
+
+def per_task_table(results: dict[str, Any]) -> Table:
+    """Mean test accuracy of every strategy on every task, and a last row with each task's test size."""
+    tasks = _tasks(results)
     n = {t: next((r["per_task"][t]["n"] for r in results["rows"] if t in r["per_task"]), 0) for t in tasks}
-    lines.append("| n test | " + " | ".join(str(n[t]) for t in tasks) + " |")
-    return "\n".join(lines)
+    rows = [[cell(r["strategy"]), *(_task_cell(r, t) for t in tasks)] for r in results["rows"]]
+    rows.append([cell("n test"), *(cell(n[t]) for t in tasks)])
+    return Table("accuracy per task (test split)", [STRATEGY, *(_task_column(results, t) for t in tasks)], rows)
+
+
+EXPERT_COLUMNS = (
+    Column("task", "task"),
+    Column("n_test", "n test", "right"),
+    Column("base_acc", "base acc", "right"),
+    Column("expert_acc", "expert acc", "right"),
+    Column("expert_gain", "Δ", "right"),
+    Column("method", "method"),
+    Column("steps", "steps", "right"),
+    Column("train_time_s", "train time (s)", "right"),
+    Column("trainable_params", "trainable params", "right"),
+    Column("peak_memory_mb", "peak MB", "right"),
+)
+
+
+def experts_table(results: dict[str, Any]) -> Table:
+    """Each held-in task: base vs its own expert (the oracle's score), and what the expert cost to train."""
+    base_row, oracle_row = _reference_rows(results["rows"])
+    rows = []
+    for name, cost in results.get("experts", {}).items():
+        base = base_row["per_task"].get(name) if base_row else None
+        own = oracle_row["per_task"].get(name) if oracle_row else None
+        values = {
+            "task": name,
+            "n_test": (own or base or {}).get("n"),
+            "base_acc": base["mean"] if base else None,
+            "expert_acc": own["mean"] if own else None,
+            "expert_gain": own["mean"] - base["mean"] if base and own else None,
+            **{key: cost.get(key) for key in ("method", "steps", "train_time_s", "trainable_params", "peak_memory_mb")},
+        }
+        rows.append([_cell(c.key, values[c.key]) for c in EXPERT_COLUMNS])
+    return Table("each held-in task: base vs its LoRA expert (test split)", EXPERT_COLUMNS, rows)
+
+
+class ReportTables(NamedTuple):
+    """Every table of the report, built once so report.md, report.html and results.csv agree."""
+
+    results: Table
+    per_task: Table
+    experts: Table
+
+
+def report_tables(results: dict[str, Any]) -> ReportTables:
+    """Build each table once for write_reports, which renders it into every file."""
+    return ReportTables(results_table(results), per_task_table(results), experts_table(results))
 
 
 # ---- plots ------------------------------------------------------------------------------------------
@@ -159,7 +248,7 @@ def make_plots(results: dict[str, Any]) -> dict[str, bytes]:
     ax.grid(alpha=0.3)
     plots["scatter_held_in_vs_held_out"] = _figure_png(fig)
 
-    tasks = [*results["held_in"], *results["held_out"]]
+    tasks = _tasks(results)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(tasks) * max(1, len(rows)) / 4), 4.5))
     width = 0.8 / max(len(rows), 1)
     for i, r in enumerate(rows):
@@ -203,55 +292,17 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_reports(results: dict[str, Any], out: Path) -> None:
-    """results.json, results.csv, report.md (+ plots/*.png) and report.html (self-contained)."""
+    """results.json, results.csv (results_table's columns), report.md (+ plots/*.png), report.html (self-contained)."""
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", results)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(
-        [
-            "strategy",
-            "kind",
-            "held_in",
-            "held_in_ci_low",
-            "held_in_ci_high",
-            "held_out",
-            "held_out_ci_low",
-            "held_out_ci_high",
-            "forgetting_loss",
-            "forgetting_acc",
-            "routing_accuracy",
-            "added_params",
-            "active_params",
-            "latency_ms",
-            "peak_memory_mb",
-            *[f"task:{t}" for t in [*results["held_in"], *results["held_out"]]],
-        ]
-    )
-    for r in results["rows"]:
-        group = [(r[g] or {}).get(k) for g in ("held_in", "held_out") for k in ("mean", "ci_low", "ci_high")]
-        writer.writerow(
-            [
-                r["strategy"],
-                r["kind"],
-                *group,
-                r["forgetting_loss"],
-                r["forgetting_acc"],
-                r["routing_accuracy"],
-                r["added_params"],
-                r["active_params"],
-                r["latency_ms"],
-                r["peak_memory_mb"],
-                *[r["per_task"].get(t, {}).get("mean") for t in [*results["held_in"], *results["held_out"]]],
-            ]
-        )
-    _write_text(out / "results.csv", buffer.getvalue())
+    tables = report_tables(results)
+    _write_text(out / "results.csv", tables.results.to_csv())
     plots = make_plots(results)
     (out / "plots").mkdir(exist_ok=True)
     for name, png in plots.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
-    _write_text(out / "report.md", render_markdown(results, plots))
-    _write_text(out / "report.html", render_html(results, plots))
+    _write_text(out / "report.md", render_markdown(tables, plots))
+    _write_text(out / "report.html", render_html(tables, plots))
 
 
 NOTES = (
@@ -262,75 +313,17 @@ NOTES = (
 )
 
 
-def experts_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Each held-in task: base vs its own expert, and what the expert cost to train."""
-    rows = {r["kind"]: r for r in results["rows"]}
-    header = [
-        "task",
-        "n test",
-        "base acc",
-        "expert acc",
-        "Δ",
-        "method",
-        "steps",
-        "train time (s)",
-        "trainable params",
-        "peak MB",
-    ]
-    body = []
-    for name, cost in results.get("experts", {}).items():
-        base = rows.get("base", {}).get("per_task", {}).get(name)
-        own = rows.get("oracle", {}).get("per_task", {}).get(name)
-        body.append(
-            [
-                name,
-                str((own or base or {}).get("n", "—")),
-                f"{base['mean']:.3f}" if base else "—",
-                f"{own['mean']:.3f}" if own else "—",
-                f"{own['mean'] - base['mean']:+.3f}" if base and own else "—",
-                str(cost.get("method")),
-                str(cost.get("steps")),
-                f"{cost.get('train_time_s') or 0:.0f}",
-                f"{cost.get('trainable_params') or 0:,}",
-                f"{cost.get('peak_memory_mb') or 0:.0f}",
-            ]
-        )
-    return header, body
-
-
-def render_markdown(results: dict[str, Any], plots: dict[str, bytes]) -> str:
+def render_markdown(tables: ReportTables, plots: dict[str, bytes]) -> str:
+    """report.md: the same sections as report.html, with the plots as files under plots/."""
     images = "\n".join(f"![{name}](plots/{name}.png)" for name in plots)
-    header, body = experts_rows(results)
-    experts = "\n".join(
-        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(row) + " |" for row in body]]
-    )
     return (
-        f"# moerge compare\n\n{markdown_table(results)}\n\n{NOTES}\n\n## Per task\n\n{per_task_table(results)}"
-        f"\n\n## Experts\n\n{experts}\n\n## Plots\n\n{images}\n"
+        f"# moerge compare\n\n{tables.results.to_markdown()}\n\n{NOTES}\n\n## Per task\n\n"
+        f"{tables.per_task.to_markdown()}\n\n## Experts\n\n{tables.experts.to_markdown()}\n\n## Plots\n\n{images}\n"
     )
 
 
-def render_html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
-    """One file, no external resources: the table, per-task table and every plot inlined as base64."""
-
-    def table(headers: list[str], body: list[list[str]], table_id: str) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-        rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
-        return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
-
-    main = table(
-        [label for _, label in COLUMNS], [[fmt(k, r.get(k)) for k, _ in COLUMNS] for r in results["rows"]], "results"
-    )
-    tasks = [*results["held_in"], *results["held_out"]]
-    per_task = table(
-        ["strategy", *[f"{t}{' (held-out)' if t in results['held_out'] else ''}" for t in tasks]],
-        [
-            [r["strategy"], *[fmt("", r["per_task"][t]) if t in r["per_task"] else "—" for t in tasks]]
-            for r in results["rows"]
-        ],
-        "per-task",
-    )
-    experts = table(*experts_rows(results), "experts")
+def render_html(tables: ReportTables, plots: dict[str, bytes]) -> str:
+    """One file, no external resources: the tables, and every plot inlined as base64."""
     images = "".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         f"<figcaption>{html.escape(name)}</figcaption></figure>"
@@ -338,18 +331,12 @@ def render_html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
     )
     style = (
         "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
-        "td:first-child{text-align:left}figure{display:inline-block;margin:1em}img{max-width:100%}"
+        "td,th{border:1px solid #ccc;padding:4px 8px}th{background:#f3f3f3}caption{text-align:left;color:#555}"
+        "figure{display:inline-block;margin:1em}img{max-width:100%}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>moerge compare</title><style>{style}</style>"
-        f"</head><body><h1>moerge compare</h1>{main}<p>{html.escape(NOTES)}</p><h2>Per task</h2>{per_task}"
-        f"<h2>Experts</h2>{experts}<h2>Plots</h2>{images}</body></html>"
+        f"</head><body><h1>moerge compare</h1>{tables.results.to_html('results')}<p>{html.escape(NOTES)}</p>"
+        f"<h2>Per task</h2>{tables.per_task.to_html('per-task')}<h2>Experts</h2>{tables.experts.to_html('experts')}"
+        f"<h2>Plots</h2>{images}</body></html>"
     )
-
-
-def results_table(results: dict) -> Table:
-    table = Table(*[label for _, label in COLUMNS], title="moerge compare (95% intervals in brackets)")
-    for row in results["rows"]:
-        table.add_row(*[fmt(key, row.get(key)) for key, _ in COLUMNS])
-    return table

@@ -39,7 +39,7 @@ from moerge.library.expert import (
 )
 from moerge.paths import atomic_directory, write_json_atomic
 from moerge.train.checkpoint import checkpoint_dir_for, has_checkpoint
-from moerge.train.config import Recipe, TrainConfig
+from moerge.train.config import StagedConfig, TrainConfig
 from moerge.train.loop import Start, fit, load_start
 from moerge.train.methods import get_method
 
@@ -64,7 +64,7 @@ class Unit:
     pseudo_from: str | None = None  # pseudo_train: the pseudo_label unit whose labels it trains on
 
 
-def plan(recipe: Recipe) -> list[Unit]:
+def plan(recipe: StagedConfig) -> list[Unit]:
     """The recipe's units in order, each with a hash of everything up to it (to detect edited recipes)."""
     units: list[Unit] = []
     hashes: dict[str | None, str] = {None: hashlib.sha256(recipe.base.encode()).hexdigest()[:16]}
@@ -98,7 +98,7 @@ def plan(recipe: Recipe) -> list[Unit]:
     return units
 
 
-def _check_start(recipe: Recipe, index: int) -> None:
+def _check_start(recipe: StagedConfig, index: int) -> None:
     """A stage that continues an adapter must train that adapter: same (adapter) method."""
     if index == 0:
         return
@@ -145,7 +145,7 @@ def train_expert(
     """
     out = Path(out)
     if cfg.type != "finetune":
-        recipe = Recipe(base=cfg.base, name=cfg.name, stages=[cfg])
+        recipe = StagedConfig(base=cfg.base, name=cfg.name, stages=[cfg])
         return train_recipe(
             recipe, out, resume=resume, restart=restart, overwrite=overwrite, progress=progress, device=device
         )
@@ -176,7 +176,7 @@ def child_start(parent: Start, result: Path, kind: str, mode: str) -> Start:
 
 
 def train_recipe(
-    recipe: Recipe,
+    recipe: StagedConfig,
     out: Path,
     *,
     resume: bool = False,
@@ -207,7 +207,9 @@ def train_recipe(
 class _Runner:
     """Runs units in order, remembering each one's start and result."""
 
-    def __init__(self, recipe: Recipe, stages_dir: Path, base_info: BaseInfo, *, progress: bool, device: str | None):
+    def __init__(
+        self, recipe: StagedConfig, stages_dir: Path, base_info: BaseInfo, *, progress: bool, device: str | None
+    ):
         self.recipe, self.stages_dir, self.base_info = recipe, stages_dir, base_info
         self.progress, self.device = progress, device
         self.starts: dict[str, Start] = {}

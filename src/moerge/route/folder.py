@@ -1,7 +1,14 @@
 """Router folders (config.json + tensors.safetensors), building them, and loading a routed model.
 
-<router>/config.json           router name, options, policy, experts (name + folder), base
+<router>/config.json           format, router name, options (those the user set), derived (what the
+                               build worked out, e.g. the oracle's task → expert map), policy, experts
+                               (name + folder), base
 <router>/tensors.safetensors   the router's state (prototypes, gates, centroids, ...)
+
+Format 1 folders (written before `derived` existed) kept the build's results inside `options`: the
+oracle's `task_to_expert` and GLIDER's chat-written `descriptions`. Both are options of those routers
+as well (an explicit task → expert map; the `text` describer's texts, which inference never reads), so
+such folders still validate and route exactly as before, with nothing to migrate.
 """
 
 from __future__ import annotations
@@ -12,28 +19,23 @@ from typing import Any
 
 from moerge.errors import MoergeError
 from moerge.paths import atomic_directory, parse_json, write_json_atomic
-from moerge.route.policies import Policy
-from moerge.route.router import Router, RouterEnv, get_router
+from moerge.route.policies import Policy, parse_policy
+from moerge.route.router import OptionsModel, Router, RouterEnv, get_router
 from moerge.route.routing import Routing
 from moerge.route.stacked import StackedModel, attach_experts
+from moerge.yamlconf import Source
 
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "tensors.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 ExpertsArg = Sequence[str | Path] | Mapping[str, str | Path]
+OptionsArg = Mapping[str, Any] | OptionsModel | None
 
 
-def make_policy(router: str, overrides: Mapping[str, Any] | None = None) -> Policy:
-    """The router's default policy with the user's non-None overrides on top."""
-    values = {
-        **get_router(router).default_policy,
-        **{k: v for k, v in (overrides or {}).items() if v is not None},
-    }
-    try:
-        return Policy(**values)
-    except TypeError as exc:
-        raise MoergeError(f"policy: {exc}") from None
+def make_policy(router: str, overrides: Mapping[str, Any] | None = None, source: Source | str = "policy") -> Policy:
+    """The router's default policy with the user's non-None overrides on top (errors name `source`)."""
+    return get_router(router).default_policy.updated(overrides, source)
 
 
 def prepare_router(
@@ -41,12 +43,14 @@ def prepare_router(
     router: str,
     *,
     tokenizer: Any = None,
-    options: Mapping[str, Any] | None = None,
+    options: OptionsArg = None,
     data: Mapping[str, Any] | None = None,
     library: Any = None,
 ) -> Router:
-    """Instantiate `router` over the handle's experts and build its state."""
-    instance = get_router(router)(handle.expert_names, **dict(options or {}))
+    """Instantiate `router` over the handle's experts and build its state. `options`: a mapping
+    (validated by the router's options model) or an instance of that model."""
+    cls = get_router(router)
+    instance = cls(handle.expert_names, cls.parse_options(options))
     env = RouterEnv(handle, tokenizer, dict(data or {}), library)
     instance.build(env)
     instance.bind(env)
@@ -76,12 +80,18 @@ def build_router(
     base: Any,
     tokenizer: Any = None,
     policy: Mapping[str, Any] | None = None,
-    options: Mapping[str, Any] | None = None,
+    options: OptionsArg = None,
     data: Mapping[str, Any] | None = None,
     library: Any = None,
     overwrite: bool = False,
 ) -> Path:
-    """Build a router over expert folders on `base` (name/path or model) and write the router folder."""
+    """Build a router over expert folders on `base` (name/path or model) and write the router folder.
+
+    Options and policy are checked before the model is loaded. For errors that point into a file,
+    validate the options first with `get_router(router).parse_options(raw, Source(...))` and pass the
+    resulting model.
+    """
+    options = get_router(router).parse_options(options)
     chosen = make_policy(router, policy)
     model, tokenizer, base_name = _load_model(base, tokenizer)
     fingerprint = _fingerprint(model)
@@ -107,7 +117,8 @@ def save_router(
     config = {
         "format": FORMAT_VERSION,
         "router": router.name,
-        "options": router.options,
+        "options": router.options.model_dump(mode="json", exclude_unset=True),
+        "derived": router.derived,
         "policy": policy.to_dict(),
         "experts": [{"name": e.name, "path": str(e.folder.resolve())} for e in handle.experts],
         "base": base,
@@ -125,7 +136,17 @@ def read_router_config(folder: str | Path) -> dict[str, Any]:
     for key in ("router", "experts", "policy"):
         if key not in config:
             raise MoergeError(f"{path}: field {key!r} missing")
+    if not isinstance(config.get("derived", {}), dict):
+        raise MoergeError(f"{path}: derived: expected a mapping, got {type(config['derived']).__name__}")
     return config
+
+
+def _saved_router(config: dict[str, Any], path: Path, expert_names: list[str]) -> Router:
+    """The router class of config.json with its saved options (validated, errors naming the file) and
+    derived values; its tensors are loaded separately."""
+    cls = get_router(config["router"], field=f"{path}: router")
+    options = cls.parse_options(config.get("options"), Source(str(path)).at("options"))
+    return cls(expert_names, options, config.get("derived"))
 
 
 def load_routed(
@@ -134,20 +155,23 @@ def load_routed(
     """A transformers model with the router's experts attached and routing on; use forward/generate.
 
     `base` is a name/path (loaded with `moerge.models.load_base`) or an already loaded model. The
-    handle is at `model.moerge_routing` (its `.routing` holds router and policy). `policy` overrides
-    the saved policy fields.
+    handle is at `model.moerge_routing`; its `.routing` holds router and policy and gives
+    `parameter_counts()`. `policy` overrides the saved policy fields. The saved options and policy
+    are checked before the model is touched.
     """
     from safetensors.torch import load_file
 
+    path = Path(router) / CONFIG_FILE
     config = read_router_config(router)
+    experts = {e["name"]: e["path"] for e in config["experts"]}
+    instance = _saved_router(config, path, list(experts))
+    chosen = parse_policy(config["policy"], Source(str(path)).at("policy")).updated(policy)
     model, tokenizer, _ = _load_model(base, tokenizer)
     expected = config.get("base", {}).get("fingerprint", "unknown")
     if expected != "unknown" and _fingerprint(model) != expected:
         raise MoergeError(f"{router}: was built for another base model (fingerprint {expected[:12]}...)")
-    experts = {e["name"]: e["path"] for e in config["experts"]}
     handle = attach_experts(model, experts)
-    instance = get_router(config["router"])(handle.expert_names, **config.get("options", {}))
     instance.load_tensors(load_file(str(Path(router) / TENSORS_FILE)))
     instance.bind(RouterEnv(handle, tokenizer))
-    Routing(handle, instance, Policy(**{**config["policy"], **(policy or {})}))
+    Routing(handle, instance, chosen)
     return model

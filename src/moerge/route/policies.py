@@ -10,29 +10,43 @@ see `StackedLoRALinear.delta`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from moerge.errors import MoergeError
+from moerge.registry import Registry
+from moerge.yamlconf import Source, first_error, validate_options
 
-Selector = Callable[[torch.Tensor, "Policy"], torch.Tensor]
-SELECTORS: dict[str, Selector] = {}
-GRANULARITIES = ("token", "example", "task")
-AGGREGATIONS = ("mix", "merge")
+Keep = Callable[[torch.Tensor, "Policy"], torch.Tensor]  # probabilities [..., K] → kept experts (bool)
+Most = Callable[["Policy", int], int]
 
 
-def register_selector(name: str) -> Callable[[Selector], Selector]:
-    def register(fn: Selector) -> Selector:
-        SELECTORS[name] = fn
-        return fn
+@dataclass(frozen=True)
+class Selector:
+    """A selection rule: `keep(probs, policy)` marks the experts each row keeps; `most(policy, K)` is
+    the most experts one row can keep out of K (what `Routing.parameter_counts` calls active)."""
+
+    keep: Keep
+    most: Most
+
+
+SELECTORS: Registry[Selector] = Registry("selection policy")
+
+
+def register_selector(name: str, *, most: Most) -> Callable[[Keep], Keep]:
+    def register(keep: Keep) -> Keep:
+        SELECTORS.register(name, Selector(keep, most))
+        return keep
 
     return register
 
 
-@register_selector("top_k")
+@register_selector("top_k", most=lambda policy, experts: min(policy.k, experts))
 def top_k(probs: torch.Tensor, policy: Policy) -> torch.Tensor:
     """The k most probable experts."""
     k = min(policy.k, probs.shape[-1])
@@ -40,9 +54,13 @@ def top_k(probs: torch.Tensor, policy: Policy) -> torch.Tensor:
     return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, True)
 
 
-@register_selector("top_p")
+@register_selector("top_p", most=lambda policy, experts: min(max(math.ceil(policy.p * experts), 1), experts))
 def top_p(probs: torch.Tensor, policy: Policy) -> torch.Tensor:
-    """The smallest set whose probability mass reaches p (at least one expert)."""
+    """The smallest set whose probability mass reaches p (at least one expert).
+
+    At most ⌈p·K⌉ experts: the experts ranked above the last kept one hold less than p, and the n-1
+    most probable of K hold at least (n-1)/K (a uniform row keeps exactly ⌈p·K⌉).
+    """
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the experts ranked above
     keep = before < policy.p
@@ -50,42 +68,70 @@ def top_p(probs: torch.Tensor, policy: Policy) -> torch.Tensor:
     return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
-@register_selector("threshold")
+def _most_above_threshold(policy: Policy, experts: int) -> int:
+    """At most ⌊1/threshold⌋ probabilities can each reach the threshold, and the best is always kept.
+    Not counted: experts tied exactly for the best are all kept (uniform scores keep every expert)."""
+    if policy.threshold <= 0:
+        return experts
+    return min(max(math.floor(1 / policy.threshold), 1), experts)
+
+
+@register_selector("threshold", most=_most_above_threshold)
 def threshold(probs: torch.Tensor, policy: Policy) -> torch.Tensor:
     """Every expert with probability ≥ threshold (the best one always)."""
     keep = probs >= policy.threshold
     return keep | (probs == probs.amax(-1, keepdim=True))
 
 
-@register_selector("dense")
+@register_selector("dense", most=lambda policy, experts: experts)
 def dense(probs: torch.Tensor, policy: Policy) -> torch.Tensor:
     """All experts."""
     return torch.ones_like(probs, dtype=torch.bool)
 
 
-@dataclass(frozen=True)
-class Policy:
-    """How scores become weights. `temperature` divides scores before the softmax."""
+class Policy(BaseModel):
+    """How scores become weights. Built as `Policy("top_k", k=2)` or `Policy(**saved)` (a bad value is
+    a one-line MoergeError), or from user input with `parse_policy` (errors name the file or flag)."""
 
-    name: str = "top_k"
-    k: int = 2
-    p: float = 0.9
-    threshold: float = 0.1
-    temperature: float = 1.0
-    granularity: str = "token"
-    aggregation: str = "mix"
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        if self.name not in SELECTORS:
-            raise MoergeError(f"policy {self.name!r}: unknown; expected one of {', '.join(sorted(SELECTORS))}")
-        if self.granularity not in GRANULARITIES:
-            raise MoergeError(f"granularity {self.granularity!r}: expected one of {', '.join(GRANULARITIES)}")
-        if self.aggregation not in AGGREGATIONS:
-            raise MoergeError(f"aggregation {self.aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
-        if self.aggregation == "merge" and self.granularity == "token":
-            raise MoergeError("aggregation 'merge' needs granularity 'example' or 'task' (one update per example)")
-        if self.k < 1 or not 0 < self.p <= 1 or self.temperature <= 0:
-            raise MoergeError("policy: expected k ≥ 1, 0 < p ≤ 1 and temperature > 0")
+    name: str = Field("top_k", description="selection rule: top_k, top_p, threshold or dense")
+    k: int = Field(2, ge=1, description="experts kept per row (top_k)")
+    p: float = Field(0.9, gt=0, le=1, description="probability mass the kept experts reach (top_p)")
+    threshold: float = Field(0.1, description="least probability an expert needs to be kept (threshold)")
+    temperature: float = Field(1.0, gt=0, description="scores are divided by this before the softmax")
+    granularity: Literal["token", "example", "task"] = Field(
+        "token", description="one routing decision per token, per example, or per task of the batch"
+    )
+    aggregation: Literal["mix", "merge"] = Field(
+        "mix", description="mix the experts' outputs, or apply one merged update per example"
+    )
+
+    def __init__(self, name: str = "top_k", **values: Any) -> None:
+        try:
+            super().__init__(name=name, **values)
+        except ValidationError as exc:
+            raise first_error(Source("policy"), exc) from None
+
+    # Marked as pydantic's own __init__ (as pydantic's RootModel does), so validation from data
+    # (`parse_policy`, a recipe's nested policy) skips it and keeps errors located in their file.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        try:
+            SELECTORS.get(name)
+        except MoergeError as exc:  # the registry's standard message, located by the caller's source
+            raise ValueError(str(exc)) from None
+        return name
+
+    @field_validator("aggregation")
+    @classmethod
+    def _merge_needs_examples(cls, aggregation: str, info: ValidationInfo) -> str:
+        if aggregation == "merge" and info.data.get("granularity") == "token":
+            raise ValueError("'merge' needs granularity 'example' or 'task' (one update per example)")
+        return aggregation
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """Weights: softmax over the selected experts' scores, 0 elsewhere (-inf scores never win)."""
@@ -99,12 +145,27 @@ class Policy:
             top, idx = scores.topk(min(self.k, scores.shape[-1]), dim=-1)
             return torch.zeros_like(scores).scatter(-1, idx, torch.softmax(top, dim=-1)).to(dtype)
         probs = torch.softmax(scores, dim=-1)
-        keep = SELECTORS[self.name](probs, self) & torch.isfinite(scores)
+        keep = SELECTORS.get(self.name).keep(probs, self) & torch.isfinite(scores)
         weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
         return torch.nan_to_num(weights, nan=0.0).to(dtype)
 
+    def max_experts(self, num_experts: int) -> int:
+        """The most of `num_experts` experts one row (token or example) can get weight from."""
+        return SELECTORS.get(self.name).most(self, num_experts)
+
+    def updated(self, overrides: Mapping[str, Any] | None, source: Source | str = "policy") -> Policy:
+        """This policy with the non-None values of `overrides` on top (unset command-line flags are None)."""
+        values = {k: v for k, v in (overrides or {}).items() if v is not None}
+        return parse_policy({**self.to_dict(), **values}, source) if values else self
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
+
+
+def parse_policy(raw: Any, source: Source | str = "policy") -> Policy:
+    """A policy from user input (a recipe's mapping, config.json, flags); errors are one line naming
+    `source` and the field, and an unknown key lists the policy's fields."""
+    return validate_options(Policy, dict(raw) if isinstance(raw, Mapping) else raw, source, "the selection policy")
 
 
 def pool_examples(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,51 +1,34 @@
 """The routers registry and the `Router` base class; the routers themselves are in `moerge.route.routers`,
-one file each, registered with `@register_router("<name>")`.
+one file each: the class, registered with `@register_router("<name>")`, and its options model.
 
 A router scores experts. It may give per-token scores for a layer from that layer's input
 (`token_scores`, e.g. Arrow, Phatgoose) and/or per-example scores shared by all layers
 (`example_scores`, e.g. oracle, centroid); `moerge.route.routing.Routing` turns them into weights
-with a selection policy. Its state is a flat dict of tensors, saved as safetensors in the router folder.
+with a selection policy. Three things describe a built router: `options` (what the user chose, a
+frozen pydantic model), `derived` (plain JSON values the build worked out, e.g. the oracle's task →
+expert map) and its state, a flat dict of tensors; the router folder keeps all three.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from moerge.errors import MoergeError
+from moerge.registry import Registry
+from moerge.route.policies import Policy
+from moerge.yamlconf import Source, validate_options
 
 if TYPE_CHECKING:
     from moerge.data.task import Example
     from moerge.route.stacked import StackedModel, Step
-
-ROUTERS: dict[str, type[Router]] = {}
-
-
-def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
-    def register(cls: type[Router]) -> type[Router]:
-        cls.name = name
-        ROUTERS[name] = cls
-        return cls
-
-    return register
-
-
-def get_router(name: str) -> type[Router]:
-    _load_all()
-    if name not in ROUTERS:
-        raise MoergeError(f"router {name!r}: unknown; expected one of {', '.join(sorted(ROUTERS))}")
-    return ROUTERS[name]
-
-
-def router_names() -> list[str]:
-    _load_all()
-    return sorted(ROUTERS)
 
 
 def _load_all() -> None:
@@ -53,6 +36,35 @@ def _load_all() -> None:
     package = importlib.import_module("moerge.route.routers")
     for info in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+ROUTERS: Registry[type[Router]] = Registry("router", load=_load_all)
+
+
+def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
+    """Class decorator: registers the router under `name` (a second router under a taken name is refused)."""
+
+    def register(cls: type[Router]) -> type[Router]:
+        cls.name = name
+        return ROUTERS.register(name, cls)
+
+    return register
+
+
+def get_router(name: str, *, field: str | None = None) -> type[Router]:
+    """The router class; an unknown name is one line listing the routers (starting with `field` if given)."""
+    return ROUTERS.get(name, field=field)
+
+
+def router_names() -> list[str]:
+    return ROUTERS.names()
+
+
+class OptionsModel(BaseModel):
+    """Base of every router's options model, and the model of routers that take none. Frozen, so a
+    build cannot change what the user chose; closed, so a misspelt option is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass
@@ -103,18 +115,38 @@ def module_key(module: str) -> str:
 
 
 class Router(nn.Module):
-    """Base class. Subclasses set tensors in `self.state` during `build`, and read them when scoring."""
+    """Base class. Subclasses set `options_model`, set tensors in `self.state` during `build` (and JSON
+    values in `self.derived` when the build works something out), and read them when scoring."""
 
     name: ClassVar[str] = ""
-    default_policy: ClassVar[dict[str, Any]] = {}
+    options_model: ClassVar[type[OptionsModel]] = OptionsModel
+    default_policy: ClassVar[Policy] = Policy()
 
-    def __init__(self, expert_names: list[str], **options: Any) -> None:
+    def __init__(
+        self, expert_names: list[str], options: OptionsModel | None = None, derived: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__()
+        if options is None:
+            options = self.options_model()
+        if type(options) is not self.options_model:  # a subclass would carry options this router ignores
+            raise TypeError(f"{type(self).__name__} takes {self.options_model.__name__}, not {type(options).__name__}")
         self.expert_names = list(expert_names)
         self.options = options
+        self.derived: dict[str, Any] = dict(derived or {})
         self.state = nn.ParameterDict()
         self.env: RouterEnv | None = None
         self._missing: dict[str, torch.Tensor | None] = {}
+
+    @classmethod
+    def parse_options(
+        cls, raw: Mapping[str, Any] | OptionsModel | None, source: Source | str = "options"
+    ) -> OptionsModel:
+        """The router's options from user input (an options model instance passes through); an option
+        the router does not take is refused with the list of those it does, naming `source`."""
+        if type(raw) is cls.options_model:
+            return raw
+        raw = dict(raw) if isinstance(raw, Mapping) else raw
+        return validate_options(cls.options_model, raw, source, f"router {cls.name!r}")
 
     @property
     def num_experts(self) -> int:

@@ -31,6 +31,21 @@ class Routing:
         handle.set_weight_fn(self.weights)
         handle.routing = self
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(added, active) parameters, for cost comparisons with merges and single adapters.
+
+        `added`: every stacked expert factor (A and B of all K experts, ranks zero-padded to the
+        largest, as the routed model holds them). `active`: the share one row (a token; an example or
+        task under those granularities) can use, added × n / K, with n = `Policy.max_experts(K)`, the
+        most experts the policy can select: k for top_k, K for dense, ⌈p·K⌉ for top_p, ⌊1/threshold⌋
+        for threshold (capped at K, at least 1; exact ties for the best expert, as under uniform scores,
+        are all kept and can exceed it). An upper bound: top_p and threshold often keep fewer, and a
+        router that scores experts -inf (the oracle, missing modules) leaves them out.
+        """
+        added = sum(int(layer.A.numel() + layer.B.numel()) for layer in self.handle.layers.values())
+        experts = len(self.handle.expert_names)
+        return added, added * self.policy.max_experts(experts) // max(experts, 1)
+
     def start_recording(self) -> None:
         """Keep each forward's per-example weights [b, K] per module (for `route explain`)."""
         self.records = defaultdict(list)

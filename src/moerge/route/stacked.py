@@ -1,7 +1,8 @@
 """The stacked-expert layer: K LoRA experts of one linear held in contiguous tensors.
 
 Every router runs on this one layer. A [K, r_max, in] and B [K, out, r_max] hold all experts (ranks
-padded with zeros, LoRA scaling folded into B, a missing module is an all-zero expert), so the
+padded with zeros, LoRA scaling folded into A as `LoraAdapter.factors` returns it, a missing module
+is an all-zero expert), so the
 routed update Σ_k w_k B_k A_k x is two matrix products for any routing weights — no Python loop over
 experts or tokens.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moerge.errors import MoergeError
-from moerge.paths import parse_json
+from moerge.library.adapter import LoraAdapter, check_same_base
 
 WeightFn = Callable[[str, torch.Tensor], torch.Tensor]
-_PEFT_PREFIX = "base_model.model."
 _CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("moerge_routing", default=None)
 
 
@@ -57,71 +56,16 @@ class SparseRouting:
         return out.scatter_add(-1, self.indices, self.weights)
 
 
-# --------------------------------------------------------------------------- loading LoRA factors
+# --------------------------------------------------------------------------- attached experts
 
 
-@dataclass
-class ExpertFactors:
-    """One expert's LoRA factors per module: A [r, in] and B [out, r] with the scaling folded into B."""
+@dataclass(frozen=True)
+class StackedExpert:
+    """One attached expert: the name routers use and its folder. Its factors live in the stacked layers;
+    its adapter file is not kept open (a mapped file would count in the process's resident memory)."""
 
     name: str
     folder: Path
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """peft's rule: a pattern key matches a module name ending in `.key` (keys are regexes)."""
-    from peft.utils.other import get_pattern_key
-
-    key = get_pattern_key(list(patterns), module)
-    return patterns.get(key, default)
-
-
-def _read_adapter_config(folder: Path) -> dict[str, Any]:
-    path = folder / "adapter_config.json"
-    if not path.is_file():
-        raise MoergeError(f"{path}: not found (expected a peft LoRA adapter folder)")
-    config = parse_json(path.read_bytes(), path)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise MoergeError(f"{path}: peft_type {config.get('peft_type')!r}: routing supports LoRA experts only")
-    for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
-        if config.get(flag):
-            raise MoergeError(f"{path}: {flag}=true is not supported by the stacked-expert layer")
-    return config
-
-
-def load_lora_factors(folder: str | Path, name: str | None = None) -> ExpertFactors:
-    """Read a peft LoRA folder with safetensors (never unpickling); scaling alpha/r or alpha/√r (rsLoRA)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if (folder / "moerge.json").is_file():
-        from moerge.library.expert import check_expert_intact
-
-        meta = check_expert_intact(folder)
-        name = name or meta.name
-    config = _read_adapter_config(folder)
-    weights_file = folder / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        raise MoergeError(f"{weights_file}: not found (only safetensors adapters are read, never .bin)")
-    tensors = load_file(str(weights_file))
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key, a in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            if "lora_embedding" in key:
-                raise MoergeError(f"{weights_file}: {key}: embedding LoRA is not supported for routing")
-            continue
-        module = key[: -len(".lora_A.weight")].removeprefix(_PEFT_PREFIX)
-        b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-        if a.shape[0] != r:
-            raise MoergeError(f"{weights_file}: {key}: rank {a.shape[0]} does not match config rank {r}")
-        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        modules[module] = (a.float(), b.float() * scaling)
-    if not modules:
-        raise MoergeError(f"{weights_file}: no lora_A/lora_B weights found")
-    return ExpertFactors(name or folder.name, folder, modules)
 
 
 # --------------------------------------------------------------------------- the layer
@@ -215,14 +159,6 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def _find_module(names: set[str], name: str) -> str:
-    """The model's module for an adapter key (peft keys may carry a `model.` prefix or not)."""
-    for candidate in (name, name.removeprefix("model."), f"model.{name}"):
-        if candidate in names:
-            return candidate
-    raise MoergeError(f"expert module {name!r}: not found in the base model (was it trained on another base?)")
-
-
 class StackedModel:
     """Handle to a transformers model whose target linears were replaced by stacked-expert layers.
 
@@ -231,7 +167,7 @@ class StackedModel:
     decode, routing context), so example-level routing can be computed once on the prompt.
     """
 
-    def __init__(self, model: nn.Module, experts: list[ExpertFactors], layers: dict[str, StackedLoRALinear]):
+    def __init__(self, model: nn.Module, experts: list[StackedExpert], layers: dict[str, StackedLoRALinear]):
         self.model = model
         self.experts = experts
         self.layers = layers
@@ -295,24 +231,21 @@ def attach_experts(model: nn.Module, expert_folders: Sequence[str | Path] | Mapp
     if isinstance(getattr(model, "moerge_routing", None), StackedModel):
         raise MoergeError("the model already has experts attached: call model.moerge_routing.detach() first")
     items = expert_folders.items() if isinstance(expert_folders, Mapping) else [(None, f) for f in expert_folders]
-    experts = [load_lora_factors(folder, name) for name, folder in items]
-    if not experts:
+    adapters = [LoraAdapter.open(folder, name).require_plain("the stacked-expert layer") for name, folder in items]
+    if not adapters:
         raise MoergeError("no experts given: routing needs at least one expert folder")
-    names = [e.name for e in experts]
+    names = [a.label for a in adapters]
     if len(set(names)) != len(names):
         raise MoergeError(f"expert names must be unique, got {names}")
-    adapted = sorted({m for e in experts for m in e.modules})
+    check_same_base(adapters)
+    targets = {module: name for a in adapters for module, name in a.check_against(model).items()}
     layers: dict[str, StackedLoRALinear] = {}
-    module_names = {name for name, _ in model.named_modules()}
-    for key in adapted:
-        name = _find_module(module_names, key)
+    for module in sorted(targets):
+        name = targets[module]
         parent, child = _parent(model, name)
-        base = getattr(parent, child)
-        if not isinstance(base, nn.Linear):
-            raise MoergeError(f"module {name!r}: is {type(base).__name__}, the stacked layer wraps nn.Linear only")
-        layer = StackedLoRALinear(base, name, [e.modules.get(key) for e in experts])
+        layer = StackedLoRALinear(getattr(parent, child), name, [a.factors(module) for a in adapters])
         setattr(parent, child, layer)
         layers[name] = layer
-    handle = StackedModel(model, experts, layers)
+    handle = StackedModel(model, [StackedExpert(a.label, a.folder) for a in adapters], layers)
     model.moerge_routing = handle
     return handle

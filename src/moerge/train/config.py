@@ -1,7 +1,8 @@
-"""Training settings: one pydantic model shared by CLI options and YAML recipes.
+"""Training settings: one pydantic model shared by CLI options and YAML files.
 
-A recipe is either one `TrainConfig` mapping, or a mapping with a `stages:` list; each stage is a
-`TrainConfig` built from the recipe's top-level settings overridden by the stage's own keys.
+A training file is either one `TrainConfig` mapping, or a mapping with a `stages:` list (a
+`StagedConfig`); each stage is a `TrainConfig` built from the file's top-level settings overridden by
+the stage's own keys.
 """
 
 from __future__ import annotations
@@ -11,47 +12,51 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from moerge.errors import MoergeError
-from moerge.yamlconf import read_yaml
+from moerge.train.methods import METHODS, get_method
+from moerge.train.methods.base import NoOptions
+from moerge.yamlconf import Source, read_yaml, validate
 
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-# Fields added after experts were first trained: left out of the fingerprint while at their default,
-# so the config_hash of experts trained before they existed stays valid.
-_LATER_FIELDS = (
-    "tasks", "mixing", "temperature", "weights", "per_task_loss", "type", "text", "start", "unlabelled",
-    "confidence", "keep_top", "pseudo_steps", "init_batches", "freeze_layers", "corda_mode", "calibration_text",
+# Settings every fingerprint has hashed, default or not, since the first release. Any other setting,
+# including the ones added since and every future one, enters the hash only when it differs from its
+# default: adding a setting never changes the hash of the experts trained before it existed.
+ALWAYS_HASHED = (
+    "base", "task", "method", "rank", "alpha", "dropout", "target_modules", "lr", "steps", "epochs",
+    "batch_size", "max_length", "seed", "limit", "warmup_ratio", "weight_decay",
 )  # fmt: skip
+NOT_HASHED = ("name", "out", "checkpoint_every", "eval_split", "eval_limit")
 
 
 class TrainConfig(BaseModel):
-    """Everything that decides what an expert (or one stage of it) becomes. Unknown keys are errors."""
+    """Everything that decides what an expert (or one stage of it) becomes. Unknown keys are errors.
+
+    `method` names a training method; its own options (rank, alpha, ... — each method's options model,
+    see `moerge.train.methods`) live in `method_options`. In YAML and on the command line they may be
+    given flat (`method: lora`, `rank: 8`) or nested (`method: {name: corda, corda_mode: kpm}`); an
+    option the method does not take is refused with the method's accepted options.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     base: str
     task: str | None = Field(None, description="task spec to train on (finetune and self_train stages)")
-    method: str = "lora"
+    method: str = Field("lora", description="training method (see `moerge train --help`)")
+    method_options: SerializeAsAny[BaseModel] = Field(default_factory=NoOptions, description="the method's options")
     name: str | None = Field(None, description="expert name (a stage's name inside `stages:`)")
     out: str | None = Field(None, description="expert folder to write (a recipe may set it)")
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
     lr: float | None = Field(None, gt=0, description="learning rate; None picks the method's default")
     steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, ge=1)
-    max_length: int = Field(256, ge=8)
-    seed: int = 0
+    epochs: float = Field(1.0, gt=0, description="passes over the training split")
+    batch_size: int = Field(8, ge=1, description="examples per optimizer step")
+    max_length: int = Field(256, ge=8, description="max tokens per example (long prompts lose their start)")
+    seed: int = Field(0, description="seed for splits, initialisation and data order")
     limit: int | None = Field(None, ge=1, description="cap on each task's examples (all splits)")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    checkpoint_every: int = Field(20, ge=1)
-    eval_split: str | None = "test"
-    eval_limit: int | None = Field(None, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming the learning rate up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    checkpoint_every: int = Field(20, ge=1, description="save a resumable checkpoint every N steps")
+    eval_split: str | None = Field("test", description="split scored after training (none: skip)")
+    eval_limit: int | None = Field(None, ge=1, description="score at most this many examples")
     # Multi-task mixing.
     tasks: list[str] | None = Field(None, description="several task specs trained together (instead of `task`)")
     mixing: Literal["concat", "proportional", "temperature", "weights"] = Field(
@@ -77,17 +82,18 @@ class TrainConfig(BaseModel):
         None, gt=0, le=1, description="self_train: then keep only this fraction of the pool, most confident first"
     )
     pseudo_steps: int | None = Field(None, ge=1, description="self_train: steps on the pseudo labels (default: epochs)")
-    # Method options.
-    init_batches: int = Field(4, ge=1, description="training batches shown to data-driven inits (eva, corda, lora_ga)")
-    freeze_layers: int = Field(0, ge=0, description="freeze_lower: number of lowest decoder layers kept frozen")
-    corda_mode: Literal["ipm", "kpm"] = Field(
-        "ipm", description="corda: ipm (instruction-previewed, fits the task) or kpm (knowledge-preserving)"
-    )
-    calibration_text: list[str] | None = Field(
-        None, description="corda kpm: general text whose activations should be preserved (default: task batches)"
-    )
 
-    @field_validator("target_modules", "tasks", "text", "calibration_text", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_method_options(cls, raw: Any) -> Any:
+        """Gather the method's options (flat keys, `method: {name, ...}`, `method_options`) into its model."""
+        if not isinstance(raw, dict) or isinstance(raw.get("method_options"), BaseModel):
+            return raw
+        raw, given = split_method_options(raw, set(cls.model_fields))
+        raw["method_options"] = get_method(raw["method"]).options.model_validate(given)
+        return raw
+
+    @field_validator("tasks", "text", mode="before")
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
         return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
@@ -114,21 +120,52 @@ class TrainConfig(BaseModel):
         """The task specs this config trains on (empty for pretraining)."""
         return list(self.tasks) if self.tasks is not None else [self.task] if self.task else []
 
+    def settings(self) -> dict[str, Any]:
+        """Every setting as one flat mapping: the run's, the method's name and the method's options."""
+        flat = self.model_dump(mode="json", exclude={"method_options"})
+        return {**flat, **self.method_options.model_dump(mode="json")}
+
     def fingerprint(self) -> str:
-        """Hash of the settings that change the result, to refuse resuming with different ones."""
-        keep = self.model_dump(exclude={"checkpoint_every", "eval_split", "eval_limit", "name", "out"})
-        defaults = TrainConfig.model_fields
-        for key in _LATER_FIELDS:
-            default = defaults[key].get_default(call_default_factory=True)
-            if keep.get(key) == default:
-                keep.pop(key)
+        """Hash of the settings that change the result (see ALWAYS_HASHED), to refuse resuming with
+        different ones and to know when a library's expert is up to date."""
+        defaults = {**_field_defaults(TrainConfig), **_field_defaults(type(self.method_options))}
+        keep = {
+            key: value
+            for key, value in self.settings().items()
+            if key not in NOT_HASHED and (key in ALWAYS_HASHED or value != defaults.get(key))
+        }
         if keep.get("task") is None:
-            keep.pop("task")
+            keep.pop("task", None)
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class Recipe(BaseModel):
-    """A multi-stage recipe: stages run in order, each starting from the previous one's result."""
+def _field_defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """Each field's default as JSON data (what `settings()` would show for it)."""
+    out = {}
+    for name, info in model.model_fields.items():
+        if not info.is_required():
+            default = info.get_default(call_default_factory=True)
+            out[name] = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+    return out
+
+
+def split_method_options(raw: dict[str, Any], run_fields: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run settings with `method` as a name, the method's options) from any of the accepted forms:
+    flat keys that are not run settings, `method: {name: ..., <options>}`, or `method_options: {...}`."""
+    raw = dict(raw)
+    given = dict(raw.pop("method_options", None) or {})
+    method = raw.get("method", "lora")
+    if isinstance(method, dict):
+        given.update({k: v for k, v in method.items() if k != "name"})
+        method = method.get("name", "lora")
+    raw["method"] = method
+    for key in [k for k in raw if k not in run_fields]:
+        given[key] = raw.pop(key)
+    return raw, given
+
+
+class StagedConfig(BaseModel):
+    """Several training stages run in order, each starting from the previous one's result."""
 
     model_config = ConfigDict(extra="forbid")
     base: str = Field(min_length=1)
@@ -141,50 +178,73 @@ class Recipe(BaseModel):
         return hashlib.sha256(json.dumps([self.base, parts]).encode()).hexdigest()[:16]
 
 
-def load_recipe(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig | Recipe:
-    """Read a YAML recipe; CLI options given explicitly win over the file's top-level settings."""
-    raw, _ = read_yaml(path, "training recipe")
+def load_train_config(path: Path | str, overrides: dict[str, Any] | None = None) -> TrainConfig | StagedConfig:
+    """Read a training YAML (one config, or one with `stages:`); command-line options given explicitly
+    (not None) win over the file's top-level settings."""
+    raw, source = read_yaml(path, "training recipe")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "stages" in raw:
-        return recipe_from_dict(raw, source=str(path), overrides=given)
-    return config_from_dict({**raw, **given}, source=str(path))
+        return staged_from_dict(raw, source, overrides=given)
+    return config_from_dict({**raw, **given}, source)
 
 
-def recipe_from_dict(raw: dict[str, Any], *, source: str = "recipe", overrides: dict[str, Any] | None = None) -> Recipe:
+def staged_from_dict(
+    raw: dict[str, Any], source: Source | str = "recipe", *, overrides: dict[str, Any] | None = None
+) -> StagedConfig:
     """Build each stage from the top-level settings plus its own keys (then `overrides`, e.g. CLI options).
 
     A stage's seed defaults to the recipe's seed plus its index, so seeded choices (HFT's frozen
-    half, data order) differ from stage to stage.
+    half, data order) differ from stage to stage. A top-level method option (say `rank`) is a default
+    for the stages whose method takes it; a stage whose method does not take it ignores it.
     """
+    source = Source(source) if isinstance(source, str) else source
     overrides = dict(overrides or {})
     raw = {**raw, **{k: overrides.pop(k) for k in ("base", "seed", "out", "name") if k in overrides}}
     stages = raw.pop("stages")
     if not isinstance(stages, list) or not stages:
-        raise MoergeError(f"{source}: field 'stages': a non-empty list of stage mappings is expected")
+        raise source.error(["stages"], "a non-empty list of stage mappings is expected")
     top = {k: raw.pop(k) for k in ("out", "name") if k in raw}
     built = []
     for index, stage in enumerate(stages):
+        where = source.at("stages", index)
         if not isinstance(stage, dict):
-            raise MoergeError(f"{source}: stages[{index}]: a mapping of settings is expected")
+            raise where.error([], "a mapping of settings is expected")
         if "base" in stage:
-            raise MoergeError(f"{source}: stages[{index}]: `base` is set once, at the top of the recipe")
-        merged = {**raw, "seed": raw.get("seed", 0) + index, **stage, **overrides}
+            raise where.error(["base"], "`base` is set once, at the top of the recipe")
+        inherited = {**raw, "seed": raw.get("seed", 0) + index}
+        merged = {**_applicable(inherited, {**stage, **overrides}), **stage, **overrides}
         merged.setdefault("name", f"stage{index + 1}")
         for key, other in (("task", "tasks"), ("tasks", "task")):
             if other not in stage and (key in stage or merged.get("type") == "pretrain"):
                 merged.pop(other, None)  # a stage's own data replaces the recipe's default
-        built.append(config_from_dict(merged, source=f"{source}: stages[{index}]"))
-    try:
-        return Recipe(base=raw.get("base", ""), stages=built, **top)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise MoergeError(f"{source}: field {'.'.join(map(str, err['loc']))!r}: {err['msg']}") from None
+        built.append(config_from_dict(merged, where))
+    return validate(StagedConfig, {"base": raw.get("base", ""), "stages": built, **top}, source)
 
 
-def config_from_dict(raw: dict[str, Any], *, source: str = "options") -> TrainConfig:
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "recipe"
-        raise MoergeError(f"{source}: field {field!r}: {err['msg']}") from None
+def _applicable(inherited: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """The inherited settings minus method options that the stage's own method does not take."""
+    run, options = split_method_options(
+        {**inherited, "method": own.get("method", inherited.get("method", "lora"))}, set(TrainConfig.model_fields)
+    )
+    method = run["method"] if isinstance(run["method"], str) else None
+    takes = set(METHODS.get(method).options.model_fields) if method in METHODS else set(options)
+    dropped = set(options) - takes
+    return {k: v for k, v in inherited.items() if k not in dropped}
+
+
+def config_from_dict(raw: dict[str, Any], source: Source | str = "options") -> TrainConfig:
+    """A `TrainConfig` from a mapping (a YAML file's or command-line options), errors as `file:line: field:`.
+    A key that is neither a training setting nor an option of the chosen method is refused with both lists."""
+    source = Source(source) if isinstance(source, str) else source
+    run, given = split_method_options(raw, set(TrainConfig.model_fields))
+    if run["method"] not in METHODS:
+        raise source.error(
+            ["method"], f"unknown training method {run['method']!r}; known: {', '.join(METHODS.names())}"
+        )
+    options = METHODS.get(run["method"]).options
+    unknown = sorted(set(given) - set(options.model_fields), key=str)
+    if unknown:
+        accepted = ", ".join(options.model_fields) or "none"
+        message = f"not a training setting, nor an option of method {run['method']!r} (its options: {accepted})"
+        raise source.error([unknown[0]], message)
+    return validate(TrainConfig, raw, source)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from moerge.data.task import Task
 
+
 @dataclass(frozen=True)
 class Start:
     """Where a run begins: a base model, adapters merged into it in order, and an adapter to keep training."""
@@ -113,7 +114,7 @@ def fit(
     if start.adapter:
         details: dict[str, Any] = {"continued_from": start.adapter}
     else:
-        init = InitData([_on(_batch(data, s, tokenizer), device) for s in range(cfg.init_batches)], tokenizer)
+        init = InitData([_on(_batch(data, s, tokenizer), device) for s in range(method.init_batches(cfg))], tokenizer)
         model = method.prepare(model, cfg, workdir, init)
         details = method.details(model, cfg)
     model.to(device)

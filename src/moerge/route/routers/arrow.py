@@ -3,10 +3,11 @@ a token's score for the expert is |prototype · x|, then top-k softmax."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
+from moerge.route.policies import Policy
 from moerge.route.router import Router, RouterEnv, module_key, register_router
 
 
@@ -24,9 +25,12 @@ def lora_prototype(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @register_router("arrow")
 class ArrowRouter(Router):
-    """Prototypes are cached as expert artifacts (kind "arrow") when a library is given."""
+    """Arrow (no training): a token scores |x · top right-singular vector of B·A| per expert.
 
-    default_policy: ClassVar[dict[str, Any]] = {"name": "top_k", "k": 2, "granularity": "token"}
+    Takes no options. Prototypes are cached as expert artifacts (kind "arrow") when a library is given.
+    """
+
+    default_policy: ClassVar[Policy] = Policy("top_k", k=2, granularity="token")
 
     def build(self, env: RouterEnv) -> None:
         from moerge.route.artifacts import cached_per_expert

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from moerge.route.embed import Embedder
-from moerge.route.router import Router, RouterEnv, register_router
+from moerge.route.embed import EMBEDDERS, Embedder
+from moerge.route.policies import Policy
+from moerge.route.router import OptionsModel, Router, RouterEnv, register_router
 from moerge.route.stacked import Step
 
 
+class EmbedderOptions(OptionsModel):
+    embedder: Literal[EMBEDDERS] = Field(  # type: ignore[valid-type]  # the names `Embedder` accepts
+        "base",
+        description="prompt embedder: base (the base model's mean last hidden state) or minilm",
+    )
+
+
 class EmbeddingRouter(Router):
-    """Shared by example-level routers that embed prompts. Option `embedder`: "base" (the base model's
-    mean last hidden state, default) or "minilm" (all-MiniLM-L6-v2)."""
+    """Shared by example-level routers that embed prompts (their options extend `EmbedderOptions`)."""
+
+    options_model: ClassVar[type[OptionsModel]] = EmbedderOptions
+    options: EmbedderOptions
 
     def embedder(self) -> Embedder:
-        return Embedder(self.options.get("embedder", "base"), self.env.handle, self.env.tokenizer)
+        return Embedder(self.options.embedder, self.env.handle, self.env.tokenizer)
 
     def embed_step(self, step: Step) -> torch.Tensor:
         return self.embedder().ids(step.input_ids, step.mask)
@@ -25,14 +36,12 @@ class EmbeddingRouter(Router):
 
 @register_router("centroid")
 class CentroidRouter(EmbeddingRouter):
-    """Scores are cosines in [-1, 1]; the default policy sharpens them with temperature 0.05."""
+    """Centroid retrieval: cosine of the prompt's embedding with each expert's data centroid.
 
-    default_policy: ClassVar[dict[str, Any]] = {
-        "name": "top_k",
-        "k": 1,
-        "granularity": "example",
-        "temperature": 0.05,
-    }
+    Scores are cosines in [-1, 1]; the default policy sharpens them with temperature 0.05.
+    """
+
+    default_policy: ClassVar[Policy] = Policy("top_k", k=1, granularity="example", temperature=0.05)
 
     def build(self, env: RouterEnv) -> None:
         self.bind(env)

@@ -3,12 +3,14 @@ expert; its log-probabilities are the routing scores."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
+from pydantic import Field
 
-from moerge.route.router import RouterEnv, register_router
-from moerge.route.routers.centroid import EmbeddingRouter
+from moerge.route.policies import Policy
+from moerge.route.router import OptionsModel, RouterEnv, register_router
+from moerge.route.routers.centroid import EmbedderOptions, EmbeddingRouter
 from moerge.route.stacked import Step
 
 
@@ -30,11 +32,21 @@ def fit_logistic(
     return weight.detach(), bias.detach()
 
 
+class ClassifierOptions(EmbedderOptions):
+    l2: float = Field(1e-3, ge=0, description="L2 penalty on the logistic regression's weights")
+    iters: int = Field(100, ge=1, description="L-BFGS iterations fitting the logistic regression")
+
+
 @register_router("classifier")
 class ClassifierRouter(EmbeddingRouter):
-    """Options: `embedder` ("base"/"minilm"), `l2` (default 1e-3), `iters` (L-BFGS steps, default 100)."""
+    """Classifier: logistic regression on prompt embeddings predicts the expert.
 
-    default_policy: ClassVar[dict[str, Any]] = {"name": "top_k", "k": 1, "granularity": "example"}
+    Its log-probabilities are the scores.
+    """
+
+    options_model: ClassVar[type[OptionsModel]] = ClassifierOptions
+    options: ClassifierOptions
+    default_policy: ClassVar[Policy] = Policy("top_k", k=1, granularity="example")
 
     def build(self, env: RouterEnv) -> None:
         self.bind(env)
@@ -50,8 +62,8 @@ class ClassifierRouter(EmbeddingRouter):
             (x - mean) / std,
             torch.tensor(labels),
             self.num_experts,
-            l2=float(self.options.get("l2", 1e-3)),
-            iters=int(self.options.get("iters", 100)),
+            l2=self.options.l2,
+            iters=self.options.iters,
         )
         for key, value in {"mean": mean, "std": std, "weight": weight, "bias": bias}.items():
             self.set_tensor(key, value)

@@ -4,24 +4,41 @@
 Describers (option `describer`): "examples" (default: the mean embedding of a few of the expert's
 training prompts; the query side embeds the prompt itself), "text" (option `descriptions`:
 {expert: text}), "chat" (a chat model — option `chat_model`, default the base — writes a one-sentence
-description from a few examples). At inference `routing_context(task_descriptions=[...])` gives the
-query descriptions; otherwise each prompt's own embedding is used.
+description from a few examples; they are kept in the router's `derived["descriptions"]`). At inference
+`routing_context(task_descriptions=[...])` gives the query descriptions; otherwise each prompt's own
+embedding is used.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from moerge.data.task import Example
 from moerge.errors import MoergeError
-from moerge.route.router import RouterEnv, register_router
-from moerge.route.routers.centroid import EmbeddingRouter
-from moerge.route.routers.phatgoose import PhatgooseRouter
+from moerge.route.router import OptionsModel, RouterEnv, register_router
+from moerge.route.routers.centroid import EmbedderOptions, EmbeddingRouter
+from moerge.route.routers.phatgoose import PhatgooseOptions, PhatgooseRouter
 from moerge.route.stacked import Step
 
-DESCRIBERS = ("examples", "text", "chat")
 DESCRIBE_PROMPT = "Here are examples of a task:\n{examples}\nDescribe this task in one sentence."
+
+
+class GliderOptions(PhatgooseOptions, EmbedderOptions):
+    alpha: float = Field(1.0, ge=0, description="weight α of the global (task description) score")
+    describer: Literal["examples", "text", "chat"] = Field(
+        "examples",
+        description="how experts are described: examples (their training prompts' mean embedding), "
+        "text (the descriptions option) or chat (a chat model writes them)",
+    )
+    descriptions: dict[str, str] | None = Field(None, description="expert name → description, for describer text")
+    chat_model: str | None = Field(
+        None, description="model that writes the descriptions for describer chat; the base model when unset"
+    )
+    describe_examples: int = Field(8, ge=1, description="training examples per expert used to describe it")
 
 
 def describe_with_chat_model(env: RouterEnv, examples: list[Example], model_path: str | None) -> str:
@@ -45,36 +62,39 @@ def describe_with_chat_model(env: RouterEnv, examples: list[Example], model_path
 
 @register_router("glider")
 class GliderRouter(PhatgooseRouter, EmbeddingRouter):
-    """Options: those of phatgoose, plus `alpha` (default 1.0), `describer`, `descriptions`,
-    `chat_model`, `embedder` ("base"/"minilm"), `describe_examples` (default 8)."""
+    """GLIDER: Phatgoose token scores + α × cosine of task and expert description embeddings."""
+
+    options_model: ClassVar[type[OptionsModel]] = GliderOptions
+    options: GliderOptions
 
     def build(self, env: RouterEnv) -> None:
         super().build(env)
         self.bind(env)
-        describer = self.options.get("describer", "examples")
-        if describer not in DESCRIBERS:
-            raise MoergeError(f"glider: describer {describer!r}: expected one of {', '.join(DESCRIBERS)}")
         embed = self.embedder()
-        n = int(self.options.get("describe_examples", 8))
-        if describer == "examples":
+        n = self.options.describe_examples
+        if self.options.describer == "examples":
             rows = [embed.examples(env.examples(name)[:n]).mean(0) for name in self.expert_names]
             self.set_tensor("descriptions", F.normalize(torch.stack(rows), dim=-1))
             return
-        if describer == "text":
-            texts = self.options.get("descriptions") or {}
-            missing = [name for name in self.expert_names if name not in texts]
-            if missing:
-                raise MoergeError(f"glider: describer 'text' needs descriptions for experts {', '.join(missing)}")
-        else:
-            chat_model = self.options.get("chat_model")
-            texts = {
-                name: describe_with_chat_model(env, env.examples(name)[:n], chat_model) for name in self.expert_names
-            }
-            self.options["descriptions"] = texts
+        texts = self._given_descriptions() if self.options.describer == "text" else self._chat_descriptions(env)
         self.set_tensor("descriptions", F.normalize(embed.texts([texts[n] for n in self.expert_names]), dim=-1))
+
+    def _given_descriptions(self) -> dict[str, str]:
+        texts = self.options.descriptions or {}
+        missing = [name for name in self.expert_names if name not in texts]
+        if missing:
+            raise MoergeError(f"glider: describer 'text' needs descriptions for experts {', '.join(missing)}")
+        return texts
+
+    def _chat_descriptions(self, env: RouterEnv) -> dict[str, str]:
+        """Written by the chat model and kept in `derived` (saved in config.json), not in the options."""
+        n, chat_model = self.options.describe_examples, self.options.chat_model
+        texts = {name: describe_with_chat_model(env, env.examples(name)[:n], chat_model) for name in self.expert_names}
+        self.derived["descriptions"] = texts
+        return texts
 
     def example_scores(self, step: Step) -> torch.Tensor:
         described = step.context.get("task_descriptions")
         query = self.embedder().texts(described) if described else self.embed_step(step)
         cosine = F.normalize(query, dim=-1) @ self.state["descriptions"].T
-        return float(self.options.get("alpha", 1.0)) * cosine
+        return self.options.alpha * cosine

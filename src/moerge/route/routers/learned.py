@@ -3,12 +3,13 @@ experts, trained on their mixed data with a load-balancing loss so every expert 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
+from pydantic import Field
 
 from moerge.route.policies import Policy
-from moerge.route.router import Router, RouterEnv, module_key, register_router
+from moerge.route.router import OptionsModel, Router, RouterEnv, module_key, register_router
 
 
 def load_balancing_loss(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -18,21 +19,30 @@ def load_balancing_loss(scores: torch.Tensor, weights: torch.Tensor) -> torch.Te
     return scores.shape[-1] * (routed.mean(0) * probs.mean(0)).sum()
 
 
+class LearnedOptions(OptionsModel):
+    steps: int = Field(200, ge=1, description="gate training steps on the experts' mixed data")
+    lr: float = Field(5e-3, gt=0, description="learning rate of the gate training")
+    k: int = Field(2, ge=1, description="experts per token while training (top-k)")
+    balance: float = Field(0.01, ge=0, description="weight of the load-balancing loss")
+    seed: int = Field(0, description="seed of the gates' random initialisation")
+
+
 @register_router("learned")
 class LearnedRouter(Router):
-    """Options: `steps` (default 200), `lr` (default 5e-3), `k` used in training (default 2),
-    `balance` (load-balancing loss weight, default 0.01)."""
+    """Learned token gates (X-LoRA, LoRAMoE, MixLoRA) over frozen experts, load-balanced."""
 
-    default_policy: ClassVar[dict[str, Any]] = {"name": "top_k", "k": 2, "granularity": "token"}
+    options_model: ClassVar[type[OptionsModel]] = LearnedOptions
+    options: LearnedOptions
+    default_policy: ClassVar[Policy] = Policy("top_k", k=2, granularity="token")
 
     def build(self, env: RouterEnv) -> None:
         from moerge.route.gate_training import train_router_params
 
-        torch.manual_seed(int(self.options.get("seed", 0)))
+        torch.manual_seed(self.options.seed)
         for name, layer in env.handle.layers.items():
             self.set_tensor(module_key(name), torch.randn(layer.num_experts, layer.A.shape[-1]) * 0.01, trainable=True)
             self.set_present(name, layer.present)
-        policy = Policy("top_k", k=int(self.options.get("k", 2)))
+        policy = Policy("top_k", k=self.options.k)
         aux: list[torch.Tensor] = []
 
         def weight_fn(module: str, x: torch.Tensor) -> torch.Tensor:
@@ -42,14 +52,15 @@ class LearnedRouter(Router):
             return weights
 
         def balance() -> torch.Tensor:
-            loss = float(self.options.get("balance", 0.01)) * torch.stack(aux).mean()
+            loss = self.options.balance * torch.stack(aux).mean()
             aux.clear()
             return loss
 
         mixed = [ex for expert in self.expert_names for ex in env.examples(expert)]
         params = [p for key, p in self.state.items() if not key.endswith("#present")]
-        steps, lr = int(self.options.get("steps", 200)), float(self.options.get("lr", 5e-3))
-        train_router_params(env, params, mixed, weight_fn, steps=steps, lr=lr, aux_loss=balance)
+        train_router_params(
+            env, params, mixed, weight_fn, steps=self.options.steps, lr=self.options.lr, aux_loss=balance
+        )
         for p in params:
             p.requires_grad_(False)
 

@@ -5,22 +5,39 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+from pydantic import Field
 
 from moerge.errors import MoergeError
-from moerge.route.router import Router, RouterEnv, register_router
+from moerge.route.policies import Policy
+from moerge.route.router import OptionsModel, Router, RouterEnv, register_router
 from moerge.route.stacked import Step
+
+
+class OracleOptions(OptionsModel):
+    task_to_expert: dict[str, str] | None = Field(
+        None,
+        description="task id → expert name; when unset, each expert's task name and source (its moerge.json)",
+    )
 
 
 @register_router("oracle")
 class OracleRouter(Router):
-    """Task ids come from `routing_context(task_ids=[...])`: an expert name, its task name, or an index.
+    """Oracle: each example's task id picks its own expert (the routers' upper bound).
 
-    The chosen expert scores 0 and all others -inf, so any policy gives it weight exactly 1.
+    Task ids come from `routing_context(task_ids=[...])`: an expert name, its task name, or an index.
+    The chosen expert scores 0 and all others -inf, so any policy gives it weight exactly 1. Without
+    the `task_to_expert` option, the build derives the map (`derived["task_to_expert"]`).
     """
 
-    default_policy: ClassVar[dict[str, Any]] = {"name": "top_k", "k": 1, "granularity": "example"}
+    options_model: ClassVar[type[OptionsModel]] = OracleOptions
+    options: OracleOptions
+    default_policy: ClassVar[Policy] = Policy("top_k", k=1, granularity="example")
 
     def build(self, env: RouterEnv) -> None:
+        if self.options.task_to_expert is None:
+            self.derived["task_to_expert"] = self._recorded_tasks(env)
+
+    def _recorded_tasks(self, env: RouterEnv) -> dict[str, str]:
         from moerge.library.expert import read_expert_meta
 
         tasks = {}
@@ -28,12 +45,15 @@ class OracleRouter(Router):
             if (expert.folder / "moerge.json").is_file():
                 task = read_expert_meta(expert.folder).task
                 tasks.update({task.name: name, task.source: name})
-        self.options.setdefault("task_to_expert", tasks)
+        return tasks
 
     def _index(self, task: Any) -> int:
         if isinstance(task, int) and 0 <= task < self.num_experts:
             return task
-        name = self.options.get("task_to_expert", {}).get(task, task)
+        mapping = self.options.task_to_expert
+        if mapping is None:
+            mapping = self.derived.get("task_to_expert", {})
+        name = mapping.get(task, task)
         if name not in self.expert_names:
             raise MoergeError(f"oracle router: task {task!r} has no expert (experts: {', '.join(self.expert_names)})")
         return self.expert_names.index(name)

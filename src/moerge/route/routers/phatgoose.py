@@ -4,12 +4,14 @@ data with the expert frozen. At inference gates and tokens are standardised and 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from moerge.route.router import Router, RouterEnv, module_key, register_router
+from moerge.route.policies import Policy
+from moerge.route.router import OptionsModel, Router, RouterEnv, module_key, register_router
 
 
 def standardise(v: torch.Tensor) -> torch.Tensor:
@@ -35,19 +37,26 @@ def fit_gates(env: RouterEnv, k: int, *, steps: int, lr: float) -> dict[str, tor
     return {module: g.detach() for module, g in gates.items()}
 
 
+class PhatgooseOptions(OptionsModel):
+    steps: int = Field(100, ge=1, description="gate training steps per expert, on its own data")
+    lr: float = Field(1e-2, gt=0, description="learning rate of the gate training")
+
+
 @register_router("phatgoose")
 class PhatgooseRouter(Router):
-    """Options: `steps` (gate training steps per expert, default 100) and `lr` (default 1e-2).
+    """Phatgoose: per-module sigmoid gates, fitted per frozen expert, score the tokens.
 
     Gates are cached as expert artifacts (kind "phatgoose") when a library is given.
     """
 
-    default_policy: ClassVar[dict[str, Any]] = {"name": "top_k", "k": 2, "granularity": "token"}
+    options_model: ClassVar[type[OptionsModel]] = PhatgooseOptions
+    options: PhatgooseOptions
+    default_policy: ClassVar[Policy] = Policy("top_k", k=2, granularity="token")
 
     def build(self, env: RouterEnv) -> None:
         from moerge.route.artifacts import cached_per_expert
 
-        steps, lr = int(self.options.get("steps", 100)), float(self.options.get("lr", 1e-2))
+        steps, lr = self.options.steps, self.options.lr
         per_expert = cached_per_expert(
             env, "phatgoose", {"steps": steps, "lr": lr}, lambda k: fit_gates(env, k, steps=steps, lr=lr)
         )

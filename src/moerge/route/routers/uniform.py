@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
+from moerge.route.policies import Policy
 from moerge.route.router import Router, register_router
 from moerge.route.stacked import Step
 
 
 @register_router("uniform")
 class UniformRouter(Router):
-    """Equal scores; with the default `dense` policy each of the K experts gets 1/K."""
+    """Uniform: equal scores; the default dense policy gives each of the K experts 1/K.
 
-    default_policy: ClassVar[dict[str, Any]] = {"name": "dense", "granularity": "example"}
+    Takes no options.
+    """
+
+    default_policy: ClassVar[Policy] = Policy("dense", granularity="example")
 
     def example_scores(self, step: Step) -> torch.Tensor:
         return torch.zeros(step.mask.shape[0], self.num_experts)

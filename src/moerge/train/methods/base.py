@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from moerge.errors import MoergeError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from moerge.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -16,6 +18,34 @@ if TYPE_CHECKING:
     from moerge.train.config import TrainConfig
 
 Batch = dict[str, "torch.Tensor"]
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class NoOptions(BaseModel):
+    """A method that takes no options of its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TargetOptions(NoOptions):
+    """Methods that attach to chosen linear layers."""
+
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS), description="module names to adapt (comma-separated on the CLI)"
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+
+class LoraOptions(TargetOptions):
+    """The LoRA family: ΔW = (alpha/r)·B·A on each target module."""
+
+    rank: int = Field(8, ge=1, description="adapter rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling alpha/r, alpha/√r for rslora)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
 
 
 @dataclass
@@ -32,12 +62,17 @@ class TrainingMethod:
     name: str
     kind: ClassVar[Literal["adapter", "full"]] = "adapter"
     default_lr: float = 5e-4
+    options: type[BaseModel] = NoOptions
+
+    def init_batches(self, cfg: TrainConfig) -> int:
+        """How many training batches `prepare` sees (data-driven initialisations want some)."""
+        return 0
 
     def prepare(self, model: nn.Module, cfg: TrainConfig, workdir: Path, data: InitData) -> nn.Module:
         """Return the model to train.
 
         `workdir` holds state that must survive a resume. `data.batches` are the run's first
-        `cfg.init_batches` training batches (input_ids, attention_mask, labels) on the model's
+        `init_batches(cfg)` training batches (input_ids, attention_mask, labels) on the model's
         device, for data-driven initialisations; other methods ignore them. `prepare` must be
         deterministic: a resumed run calls it again and then loads the checkpoint's weights.
         """
@@ -48,22 +83,20 @@ class TrainingMethod:
         raise NotImplementedError
 
     def hyperparameters(self, cfg: TrainConfig) -> dict:
-        return {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "target_modules": cfg.target_modules}
+        """What the expert's metadata records about the method: its options, by default."""
+        return cfg.method_options.model_dump(mode="json")
 
     def details(self, model: nn.Module, cfg: TrainConfig) -> dict:
         """Choices made while preparing `model` that the metadata should record (e.g. HFT's frozen half)."""
         return {}
 
 
-METHODS: dict[str, TrainingMethod] = {}
+METHODS: Registry[TrainingMethod] = Registry("training method")
 
 
 def register(method: TrainingMethod) -> TrainingMethod:
-    METHODS[method.name] = method
-    return method
+    return METHODS.register(method.name, method)
 
 
 def get_method(name: str) -> TrainingMethod:
-    if name not in METHODS:
-        raise MoergeError(f"unknown training method {name!r}: expected one of {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+    return METHODS.get(name, field="method")

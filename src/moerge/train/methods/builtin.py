@@ -6,7 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moerge.train.methods.base import InitData, TrainingMethod, register
+from pydantic import BaseModel
+
+from moerge.library.adapter import ADAPTER_CONFIG
+from moerge.train.methods.base import InitData, LoraOptions, TargetOptions, TrainingMethod, register
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -18,10 +21,17 @@ if TYPE_CHECKING:
 class PeftMethod(TrainingMethod):
     """A method peft implements: `make_config` maps our settings to a peft config."""
 
-    def __init__(self, name: str, make_config: Callable[[TrainConfig], PeftConfig], default_lr: float = 5e-4):
+    def __init__(
+        self,
+        name: str,
+        make_config: Callable[[TrainConfig], PeftConfig],
+        default_lr: float = 5e-4,
+        options: type[BaseModel] = LoraOptions,
+    ):
         self.name = name
         self.make_config = make_config
         self.default_lr = default_lr
+        self.options = options
 
     def prepare(self, model: nn.Module, cfg: TrainConfig, workdir: Path, data: InitData) -> nn.Module:
         from peft import get_peft_model
@@ -35,11 +45,12 @@ class PeftMethod(TrainingMethod):
 def _lora(cfg: TrainConfig, **extra: Any) -> PeftConfig:
     from peft import LoraConfig
 
+    options = cfg.method_options
     return LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        r=options.rank,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=options.target_modules,
         task_type="CAUSAL_LM",
         **extra,
     )
@@ -61,7 +72,7 @@ class ResidualInitMethod(PeftMethod):
         torch.manual_seed(cfg.seed)  # randomised SVDs must give the same residual on resume
         peft_model = self.build(model, cfg, data)
         initial = workdir / self.initial
-        if not (initial / "adapter_config.json").is_file():
+        if not (initial / ADAPTER_CONFIG).is_file():
             config = peft_model.peft_config["default"]
             init, config.init_lora_weights = config.init_lora_weights, True
             peft_model.save_pretrained(initial)
@@ -79,13 +90,13 @@ class ResidualInitMethod(PeftMethod):
 def _ia3(cfg: TrainConfig) -> PeftConfig:
     from peft import IA3Config
 
-    attention = [t for t in cfg.target_modules if t in ("k_proj", "v_proj")] or ["k_proj", "v_proj"]
+    attention = [t for t in cfg.method_options.target_modules if t in ("k_proj", "v_proj")] or ["k_proj", "v_proj"]
     return IA3Config(target_modules=[*attention, "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM")
 
 
 class IA3Method(PeftMethod):
     def __init__(self) -> None:
-        super().__init__("ia3", _ia3, default_lr=5e-3)
+        super().__init__("ia3", _ia3, default_lr=5e-3, options=TargetOptions)
 
     def hyperparameters(self, cfg: TrainConfig) -> dict:
         return {"target_modules": self.make_config(cfg).target_modules}
@@ -113,9 +124,6 @@ class FullMethod(TrainingMethod):
 
     def save(self, model: nn.Module, out: Path, workdir: Path) -> None:
         model.save_pretrained(out)
-
-    def hyperparameters(self, cfg: TrainConfig) -> dict:
-        return {}
 
 
 register(PeftMethod("lora", _lora))

@@ -15,10 +15,12 @@ Residual inits are saved converted to plain rank-2r LoRA against the original ba
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator
 
 from moerge.errors import MoergeError
-from moerge.train.methods.base import Batch, InitData, register
+from moerge.train.methods.base import Batch, InitData, LoraOptions, register
 from moerge.train.methods.builtin import PeftMethod, ResidualInitMethod, _lora
 
 if TYPE_CHECKING:
@@ -26,6 +28,33 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from moerge.train.config import TrainConfig
+
+
+class DataInitOptions(LoraOptions):
+    """LoRA whose initial factors are computed from the run's first training batches."""
+
+    init_batches: int = Field(4, ge=1, description="training batches shown to the initialisation")
+
+
+class CordaOptions(DataInitOptions):
+    corda_mode: Literal["ipm", "kpm"] = Field(
+        "ipm", description="ipm (instruction-previewed, fits the task) or kpm (knowledge-preserving)"
+    )
+    calibration_text: list[str] | None = Field(
+        None, description="kpm: general text whose activations should be preserved (default: task batches)"
+    )
+
+    @field_validator("calibration_text", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+
+class DataInit:
+    """Mixin of the data-driven inits: they see `init_batches` training batches in `prepare`."""
+
+    def init_batches(self, cfg: TrainConfig) -> int:
+        return cfg.method_options.init_batches
 
 
 def _forward_all(model: nn.Module, batches: list[Batch], *, backward: bool = False) -> None:
@@ -43,9 +72,9 @@ def _forward_rows(model: nn.Module, batches: list[Batch]) -> None:
             model(input_ids=ids[mask.bool()][None])
 
 
-class Eva(PeftMethod):
+class Eva(DataInit, PeftMethod):
     def __init__(self) -> None:
-        super().__init__("eva", self.config)
+        super().__init__("eva", self.config, options=DataInitOptions)
 
     @staticmethod
     def config(cfg: TrainConfig):
@@ -64,19 +93,18 @@ class Eva(PeftMethod):
             initialize_lora_eva_weights(peft_model, dataloader=inputs, show_progress_bar=False)
         return peft_model
 
-    def hyperparameters(self, cfg: TrainConfig) -> dict:
-        return {**super().hyperparameters(cfg), "init_batches": cfg.init_batches}
 
-
-class Corda(ResidualInitMethod):
+class Corda(DataInit, ResidualInitMethod):
     def __init__(self) -> None:
-        super().__init__("corda", self.config)
+        super().__init__("corda", self.config, options=CordaOptions)
 
     @staticmethod
     def config(cfg: TrainConfig):
         from peft.tuners.lora.config import CordaConfig
 
-        return _lora(cfg, init_lora_weights="corda", corda_config=CordaConfig(corda_method=cfg.corda_mode))
+        return _lora(
+            cfg, init_lora_weights="corda", corda_config=CordaConfig(corda_method=cfg.method_options.corda_mode)
+        )
 
     def build(self, model: nn.Module, cfg: TrainConfig, data: InitData) -> nn.Module:
         import torch
@@ -89,19 +117,13 @@ class Corda(ResidualInitMethod):
                 f"method 'corda': peft's CorDA code needs the package {exc.name!r}, which is not installed "
                 "(pip install attrs)"
             ) from None
-        calibration = calibration_batches(data.tokenizer, cfg, model) if cfg.calibration_text else data.batches
+        calibration = (
+            calibration_batches(data.tokenizer, cfg, model) if cfg.method_options.calibration_text else data.batches
+        )
         config = self.config(cfg)
         with torch.no_grad():
             preprocess_corda(model, config, run_model=lambda: _forward_rows(model, calibration))
         return get_peft_model(model, config)
-
-    def hyperparameters(self, cfg: TrainConfig) -> dict:
-        return {
-            **super().hyperparameters(cfg),
-            "corda_mode": cfg.corda_mode,
-            "init_batches": cfg.init_batches,
-            "calibration_text": cfg.calibration_text,
-        }
 
 
 def calibration_batches(tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, model: nn.Module) -> list[Batch]:
@@ -109,16 +131,18 @@ def calibration_batches(tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, mo
     from moerge.data.prompts import Encoded, collate
     from moerge.train.data import text_chunks
 
-    chunks = text_chunks(list(cfg.calibration_text or []), tokenizer, cfg.max_length)
+    chunks = text_chunks(list(cfg.method_options.calibration_text or []), tokenizer, cfg.max_length)
     device = next(model.parameters()).device
-    groups = [chunks[i : i + cfg.batch_size] for i in range(0, len(chunks), cfg.batch_size)][: cfg.init_batches]
+    groups = [chunks[i : i + cfg.batch_size] for i in range(0, len(chunks), cfg.batch_size)][
+        : cfg.method_options.init_batches
+    ]
     batches = [collate([Encoded(c, c) for c in group], tokenizer.pad_token_id) for group in groups]
     return [{k: v.to(device) for k, v in batch.items() if k != "labels"} for batch in batches]
 
 
-class LoraGA(ResidualInitMethod):
+class LoraGA(DataInit, ResidualInitMethod):
     def __init__(self) -> None:
-        super().__init__("lora_ga", self.config)
+        super().__init__("lora_ga", self.config, options=DataInitOptions)
 
     @staticmethod
     def config(cfg: TrainConfig):
@@ -132,9 +156,6 @@ class LoraGA(ResidualInitMethod):
         config = self.config(cfg)
         preprocess_loraga(model, config, train_step=lambda: _forward_all(model, data.batches, backward=True))
         return get_peft_model(model, config)
-
-    def hyperparameters(self, cfg: TrainConfig) -> dict:
-        return {**super().hyperparameters(cfg), "init_batches": cfg.init_batches}
 
 
 register(Eva())

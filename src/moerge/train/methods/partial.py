@@ -17,8 +17,10 @@ import random
 import re
 from typing import TYPE_CHECKING
 
+from pydantic import Field
+
 from moerge.errors import MoergeError
-from moerge.train.methods.base import register
+from moerge.train.methods.base import NoOptions, register
 from moerge.train.methods.builtin import FullMethod
 
 if TYPE_CHECKING:
@@ -71,23 +73,27 @@ class BitFit(FullMethod):
         return {name for name, param in model.named_parameters() if param.ndim != 1}
 
 
+class FreezeLowerOptions(NoOptions):
+    freeze_layers: int = Field(0, ge=0, description="number of lowest decoder layers kept frozen")
+
+
 class FreezeLower(FullMethod):
     name = "freeze_lower"
+    options = FreezeLowerOptions
 
     def frozen(self, model: nn.Module, cfg: TrainConfig) -> set[str]:
         layers = {i for by_layer in layer_matrices(model).values() for i in by_layer}
-        if cfg.freeze_layers > len(layers):
-            raise MoergeError(f"freeze_layers: {cfg.freeze_layers} exceeds the model's {len(layers)} layers")
+        if cfg.method_options.freeze_layers > len(layers):
+            raise MoergeError(
+                f"freeze_layers: {cfg.method_options.freeze_layers} exceeds the model's {len(layers)} layers"
+            )
         embedding = model.get_input_embeddings().weight
         out = {name for name, param in model.named_parameters() if param is embedding}
         for name, _ in model.named_parameters():
             match = re.search(r"\.(\d+)\.", name)
-            if match and int(match.group(1)) < cfg.freeze_layers:
+            if match and int(match.group(1)) < cfg.method_options.freeze_layers:
                 out.add(name)
         return out
-
-    def hyperparameters(self, cfg: TrainConfig) -> dict:
-        return {"freeze_layers": cfg.freeze_layers}
 
 
 register(HalfFineTuning())
