@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# README's option tables, regenerated from the options models (a test fails when they are stale).
+docs: $(STAMP)
+	$(BIN)/python -m moerge.cli.docs README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

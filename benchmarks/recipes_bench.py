@@ -87,7 +87,7 @@ def main() -> None:
     from moerge.data import load_task
     from moerge.eval.evaluate import evaluate_task
     from moerge.models import fetch_model, load_base
-    from moerge.recipes.train import train_expert, train_recipe
+    from moerge.recipes.train import train_expert
     from moerge.train import TrainConfig
     from moerge.train.config import staged_from_dict
 
@@ -116,7 +116,7 @@ def main() -> None:
     def self_train(**options):
         stage = {"type": "self_train", "task": labelled, "unlabelled": pool, "confidence": args.confidence, **options}
         recipe = staged_from_dict({"base": base, "method": "lora", "lr": 1e-3, **common, "stages": [stage]})
-        return lambda out: train_recipe(recipe, out, progress=False)
+        return lambda out: train_expert(recipe, out, progress=False)
 
     runs = {
         "lora": single("lora", 1e-3),

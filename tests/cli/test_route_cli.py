@@ -97,11 +97,11 @@ def test_build_refuses_bad_options_in_one_line(tmp_path, router, option, message
 
 
 def test_option_values_are_coerced_by_the_router_model():
-    from moerge.cli.route import _option_values
+    from moerge.cli.help import option_values
     from moerge.route import get_router
     from moerge.yamlconf import Source
 
-    raw = _option_values(["steps=3", "alpha=2.5", 'descriptions={"alpha": "fruit"}', "describer=text"])
+    raw = option_values(["steps=3", "alpha=2.5", 'descriptions={"alpha": "fruit"}', "describer=text"])
     options = get_router("glider").parse_options(raw, Source("--option"))
     assert (options.steps, options.alpha, options.describer) == (3, 2.5, "text")
     assert options.descriptions == {"alpha": "fruit"}

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from helpers import parity_rows, write_jsonl, write_task
 from moerge.errors import MoergeError
-from moerge.recipes.train import train_recipe
+from moerge.recipes.train import train_expert
 from moerge.train.config import StagedConfig, load_train_config, staged_from_dict
 
 FAST = {"batch_size": 4, "max_length": 48, "lr": 5e-3, "rank": 4, "eval_limit": 2, "checkpoint_every": 2}
@@ -42,12 +42,12 @@ def test_stages_inherit_top_level_settings_with_their_own_seed(tmp_path, parity)
     with pytest.raises(MoergeError, match=r"recipe: stages\.0\.rank: "):
         staged_from_dict({"base": "b", "stages": [{"task": parity, "rank": 0}]})
     with pytest.raises(MoergeError, match="start: merge"):
-        train_recipe(_recipe("b", {"task": parity}, {"task": parity, "method": "full"}), tmp_path / "x")
+        train_expert(_recipe("b", {"task": parity}, {"task": parity, "method": "full"}), tmp_path / "x")
 
 
 def test_continue_starts_stage_two_from_stage_one_adapter(tiny_base, parity, tmp_path):
-    one = train_recipe(_recipe(tiny_base, {"task": parity, "steps": 3}), tmp_path / "one", progress=False)
-    two = train_recipe(
+    one = train_expert(_recipe(tiny_base, {"task": parity, "steps": 3}), tmp_path / "one", progress=False)
+    two = train_expert(
         _recipe(tiny_base, {"task": parity, "steps": 3}, {"task": parity, "steps": 2, "lr": 1e-12}),
         tmp_path / "two",
         progress=False,
@@ -67,8 +67,8 @@ def test_merge_folds_stage_one_into_the_weights(tiny_base, parity, tmp_path):
 
     from moerge.models import load_base
 
-    train_recipe(_recipe(tiny_base, {"task": parity, "steps": 3}), tmp_path / "one", progress=False)
-    meta = train_recipe(
+    train_expert(_recipe(tiny_base, {"task": parity, "steps": 3}), tmp_path / "one", progress=False)
+    meta = train_expert(
         _recipe(
             tiny_base,
             {"task": parity, "steps": 3},
@@ -92,7 +92,7 @@ def test_interrupted_stage_resumes_and_finished_stage_is_kept(tiny_base, parity,
     import moerge.train.loop as loop
 
     recipe = _recipe(tiny_base, {"task": parity, "steps": 3}, {"task": parity, "steps": 5, "eval_split": None})
-    straight = train_recipe(recipe, tmp_path / "straight", progress=False)
+    straight = train_expert(recipe, tmp_path / "straight", progress=False)
 
     real, calls = loop.lr_factor, []
 
@@ -104,17 +104,17 @@ def test_interrupted_stage_resumes_and_finished_stage_is_kept(tiny_base, parity,
 
     monkeypatch.setattr(loop, "lr_factor", crash_in_stage_two_step_four)
     with pytest.raises(RuntimeError):
-        train_recipe(recipe, tmp_path / "r", progress=False)
+        train_expert(recipe, tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
     with pytest.raises(MoergeError, match="--resume"):
-        train_recipe(recipe, tmp_path / "r", progress=False)
+        train_expert(recipe, tmp_path / "r", progress=False)
     monkeypatch.setattr(loop, "lr_factor", real)
     trained = []
     original = stages.fit
     monkeypatch.setattr(
         stages, "fit", lambda cfg, out, **kw: trained.append(out.name) or original(cfg, out, **kw)
     )
-    meta = train_recipe(recipe, tmp_path / "r", resume=True, progress=False)
+    meta = train_expert(recipe, tmp_path / "r", resume=True, progress=False)
     assert trained == ["02-stage2"]  # stage 1 finished before the crash: kept, not redone
     assert meta.stages[1]["cost"]["resumed_from_step"] == 2
     a, b = _adapter(tmp_path / "straight"), _adapter(tmp_path / "r")
@@ -129,10 +129,10 @@ def test_edited_recipe_is_refused_on_resume(tiny_base, parity, tmp_path, monkeyp
     recipe = _recipe(tiny_base, {"task": parity, "steps": 2}, {"task": parity, "steps": 3})
     monkeypatch.setattr(loop, "lr_factor", lambda step, total, warmup: 1 / 0 if total == 3 else 1.0)
     with pytest.raises(ZeroDivisionError):
-        train_recipe(recipe, tmp_path / "r", progress=False)
+        train_expert(recipe, tmp_path / "r", progress=False)
     edited = _recipe(tiny_base, {"task": parity, "steps": 2, "lr": 1e-3}, {"task": parity, "steps": 3})
     with pytest.raises(MoergeError, match="--restart"):
-        train_recipe(edited, tmp_path / "r", resume=True, progress=False)
+        train_expert(edited, tmp_path / "r", resume=True, progress=False)
 
 
 def test_pretrain_stage_uses_plain_lm_loss_on_raw_text(tiny_base, parity, tmp_path):
@@ -149,7 +149,7 @@ def test_pretrain_stage_uses_plain_lm_loss_on_raw_text(tiny_base, parity, tmp_pa
     stream = [t for item in data.items for t in item.input_ids]
     assert stream.count(tok.eos_token_id) == 3 and tok.decode(stream).startswith("The cat sat")
 
-    meta = train_recipe(
+    meta = train_expert(
         _recipe(tiny_base, {"type": "pretrain", "text": files, "steps": 2}, {"task": parity, "steps": 2}),
         tmp_path / "e",
         progress=False,
@@ -172,7 +172,7 @@ def test_self_train_runs_teacher_pseudo_labels_student_and_final_finetune(tiny_b
         "steps": 2,
         "pseudo_steps": 3,
     }
-    meta = train_recipe(_recipe(tiny_base, stage), tmp_path / "st", progress=False)
+    meta = train_expert(_recipe(tiny_base, stage), tmp_path / "st", progress=False)
     kinds = [s["type"] for s in meta.stages]
     assert kinds == ["self_train:teacher", "self_train:pseudo_label", "self_train:student", "self_train:finetune"]
     pseudo = meta.stages[1]
@@ -220,7 +220,7 @@ def test_pseudo_labels_keep_confident_choices(tiny_base, tmp_path):
 
 
 def test_hft_stages_freeze_a_different_half_each(tiny_base, parity, tmp_path):
-    meta = train_recipe(
+    meta = train_expert(
         _recipe(
             tiny_base, {"task": parity, "steps": 1, "method": "hft"}, {"task": parity, "steps": 1, "method": "hft"}
         ),

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import click
 from pydantic import BaseModel
+from typer.core import TyperCommand
+
+from moerge.errors import MoergeError
+from moerge.yamlconf import Source
 
 
 def default_text(model: type[BaseModel], name: str) -> str | None:
@@ -42,15 +48,49 @@ def registry_epilog(title: str, entries: Iterable[tuple[str, type[BaseModel]]]) 
     return "\n\n".join(lines)
 
 
-def options_table(entries: Iterable[tuple[str, type[BaseModel]]]) -> list[dict[str, Any]]:
-    """Rows (name, option, default, description) for the README's generated tables."""
-    rows = []
-    for name, model in entries:
-        for option in model.model_fields or {"—": None}:
-            if option == "—":
-                rows.append({"name": name, "option": "—", "default": "", "description": "no options"})
-                continue
-            default = default_text(model, option) or ""
-            description = model.model_fields[option].description or ""
-            rows.append({"name": name, "option": option, "default": default, "description": description})
-    return rows
+def option_lines(model: type[BaseModel]) -> list[str]:
+    """One line per option: `name` (default d): description — for the README's generated tables."""
+    lines = []
+    for name, info in model.model_fields.items():
+        default = default_text(model, name)
+        shown = f"`{name}` (default {default})" if default is not None else f"`{name}`"
+        lines.append(f"{shown}: {info.description or ''}".rstrip(": "))
+    return lines or ["no options"]
+
+
+def lazy_epilog(make: Callable[[], str]) -> type[TyperCommand]:
+    """A command class whose `--help` ends with `make()`, computed only when help is shown: the
+    registries behind it import torch, which would slow every command if done at start-up."""
+
+    class LazyEpilogCommand(TyperCommand):
+        def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+            self.epilog = make()
+            super().format_help(ctx, formatter)
+
+    return LazyEpilogCommand
+
+
+def key_values(values: list[str] | None, flag: str) -> dict[str, str]:
+    """`key=value` pairs of a repeatable flag, as text."""
+    out = {}
+    for value in values or []:
+        key, sep, rest = value.partition("=")
+        if not sep or not key.strip():
+            raise MoergeError(f"{flag}: expected key=value, got {value!r}")
+        out[key.strip()] = rest.strip()
+    return out
+
+
+def option_values(values: list[str] | None, flag: str = "--option") -> dict[str, Any]:
+    """`--option key=value` pairs. A value starting with { or [ is JSON (a mapping or a list); any
+    other value stays text, for the options model to coerce (steps=3, lr=1e-3) or refuse by name."""
+    out: dict[str, Any] = {}
+    for key, text in key_values(values, flag).items():
+        if not text.startswith(("{", "[")):
+            out[key] = text
+            continue
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise Source(flag).error([key], f"not valid JSON ({exc.msg})") from None
+    return out

@@ -25,12 +25,13 @@ err_console = Console(stderr=True)
 
 def _register() -> None:
     from moerge.cli import compare, data, demo, evaluate, library, merge, models, route, train
+    from moerge.cli.help import lazy_epilog
 
     app.command("demo")(demo.demo)
     app.command("compare")(compare.compare)
     app.add_typer(models.app, name="models")
     app.add_typer(data.app, name="data")
-    app.command("train", epilog=train.methods_epilog())(train.train)
+    app.command("train", cls=lazy_epilog(train.methods_epilog))(train.train)
     app.command("train-library")(train.train_library_command)
     app.command("eval")(evaluate.eval_command)
     app.command("generate")(evaluate.generate_command)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
 import typer
 from rich.markup import escape
-from typer.core import TyperCommand
 
-from moerge.cli.help import field_help
+from moerge.cli.help import field_help, lazy_epilog
 from moerge.errors import MoergeError
 from moerge.progress import output_console
 
@@ -32,15 +30,6 @@ def methods_help() -> str:
         own = [n for n, field in fields.items() if n not in shared or field.default != shared[n]]
         lines += ["", f"[bold]{escape(name)}[/bold]: {escape(method.summary)}", *option_lines(method.options, own)]
     return "\n".join(lines)
-
-
-class _MergeCommand(TyperCommand):
-    """`merge --help` ends with `methods_help()`, computed only when help is shown: importing the
-    merge methods (and torch) when the CLI starts would slow every command."""
-
-    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        self.epilog = methods_help()
-        super().format_help(ctx, formatter)
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -117,4 +106,4 @@ def merge(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("merge", cls=_MergeCommand)(merge)
+    app.command("merge", cls=lazy_epilog(methods_help))(merge)

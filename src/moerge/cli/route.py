@@ -2,51 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperCommand
 
-from moerge.cli.help import field_help
+from moerge.cli.help import field_help, key_values, lazy_epilog, option_values
 from moerge.errors import MoergeError
 from moerge.progress import output_console
 
 app = typer.Typer(help="Route among experts: build routers, explain their choices.", no_args_is_help=True)
 console = output_console()
-
-
-def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
-    out = {}
-    for value in values or []:
-        key, sep, rest = value.partition("=")
-        if not sep or not key:
-            raise MoergeError(f"{flag}: expected key=value, got {value!r}")
-        out[key.strip()] = rest.strip()
-    return out
-
-
-def _option_values(values: list[str] | None) -> dict[str, Any]:
-    """`--option key=value` pairs. A value starting with { or [ is JSON (a mapping or a list, e.g.
-    descriptions={"alpha": "fruit"}); any other value stays text, for the router's options model to
-    coerce (steps=3, lr=1e-3, describer=chat) or refuse with the option's name."""
-    out: dict[str, Any] = {}
-    for key, text in _pairs(values, "--option").items():
-        out[key] = _json_value(key, text) if text.startswith(("{", "[")) else text
-    return out
-
-
-def _json_value(key: str, text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        from moerge.yamlconf import Source
-
-        raise Source("--option").error([key], f"not valid JSON ({exc.msg})") from None
 
 
 def routers_help() -> str:
@@ -60,15 +28,6 @@ def routers_help() -> str:
         options = [escape(f"  {key}: {field_help(model, key)}") for key in model.model_fields] or ["  no options"]
         lines += ["", f"[bold]{escape(name)}[/bold]: {escape(summary)}", *options]
     return "\n".join(lines)
-
-
-class _BuildCommand(TyperCommand):
-    """`route build --help` ends with `routers_help()`, computed only when help is shown: importing
-    the routers (and torch) when the CLI starts would slow every command."""
-
-    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        self.epilog = routers_help()
-        super().format_help(ctx, formatter)
 
 
 def _experts(library: Any, names: str | None) -> dict[str, Path]:
@@ -117,7 +76,7 @@ def build(
     from moerge.route import build_router, get_router
     from moerge.yamlconf import Source
 
-    options = get_router(router, field="--router").parse_options(_option_values(option), Source("--option"))
+    options = get_router(router, field="--router").parse_options(option_values(option), Source("--option"))
     lib = None
     if library is not None:
         from moerge.library import ExpertLibrary
@@ -141,7 +100,7 @@ def build(
             base=base or _default_base(folders),
             policy=overrides,
             options=options,
-            data=_pairs(data, "--data"),
+            data=key_values(data, "--data"),
             library=lib,
             overwrite=overwrite,
         )
@@ -185,6 +144,6 @@ def explain(
 
 
 def register(root: typer.Typer) -> None:
-    app.command("build", cls=_BuildCommand)(build)
+    app.command("build", cls=lazy_epilog(routers_help))(build)
     app.command("explain")(explain)
     root.add_typer(app, name="route")

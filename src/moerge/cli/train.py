@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
-import yaml
 from rich.console import Console
 
-from moerge.cli.help import field_help, registry_epilog
+from moerge.cli.help import field_help, option_values, registry_epilog
 from moerge.errors import MoergeError
 from moerge.train.config import TrainConfig
 from moerge.train.methods import METHODS
@@ -18,21 +16,8 @@ from moerge.train.methods.base import LoraOptions
 console = Console()
 
 
-def _pairs(values: list[str] | None) -> dict[str, Any]:
-    """`--option key=value` pairs; values are YAML scalars/lists (8, 0.5, true, [a, b]) or plain text."""
-    out: dict[str, Any] = {}
-    for value in values or []:
-        key, sep, text = value.partition("=")
-        if not sep or not key.strip():
-            raise MoergeError(f"--option: expected key=value, got {value!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            out[key.strip()] = text
-    return out
-
-
 def methods_epilog() -> str:
+    """Every training method with its options (flat flags/keys, `--option key=value`, or `method: {name, ...}`)."""
     return registry_epilog("Training methods and their options", ((n, m.options) for n, m in METHODS.items()))
 
 
@@ -67,7 +52,7 @@ def train(
     json_out: bool = typer.Option(False, "--json", help="print the expert's metadata as JSON"),
 ) -> None:
     """Train an expert and write its folder (peft files + moerge.json); YAML files may chain stages."""
-    from moerge.recipes.train import train_expert, train_recipe
+    from moerge.recipes.train import train_expert
     from moerge.train.config import StagedConfig, config_from_dict, load_train_config
 
     options = {
@@ -86,7 +71,7 @@ def train(
         "limit": limit,
         "eval_limit": eval_limit,
         "checkpoint_every": checkpoint_every,
-        **_pairs(option),
+        **option_values(option),
     }
     if recipe is not None:
         cfg: TrainConfig | StagedConfig = load_train_config(recipe, options)
@@ -98,8 +83,7 @@ def train(
     out = out or (Path(cfg.out) if cfg.out else None)
     if out is None:
         raise MoergeError("missing --out (the expert folder to write)")
-    run = train_recipe if isinstance(cfg, StagedConfig) else train_expert
-    meta = run(cfg, out, resume=resume, restart=restart, overwrite=overwrite)
+    meta = train_expert(cfg, out, resume=resume, restart=restart, overwrite=overwrite)
     if json_out:
         console.print_json(meta.model_dump_json())
         return

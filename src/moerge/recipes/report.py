@@ -10,14 +10,12 @@ import base64
 import html
 import io
 import math
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from moerge.eval.stats import stratified_ci, summarise
-from moerge.paths import write_json_atomic
+from moerge.paths import write_json_atomic, write_text_atomic
 from moerge.tables import Cell, Column, Interval, Table, cell
 
 STRATEGY = Column("strategy", "strategy")
@@ -283,26 +281,18 @@ def make_plots(results: dict[str, Any]) -> dict[str, bytes]:
 # ---- writing ----------------------------------------------------------------------------------------
 
 
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def write_reports(results: dict[str, Any], out: Path) -> None:
     """results.json, results.csv (results_table's columns), report.md (+ plots/*.png), report.html (self-contained)."""
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", results)
     tables = report_tables(results)
-    _write_text(out / "results.csv", tables.results.to_csv())
+    write_text_atomic(out / "results.csv", tables.results.to_csv())
     plots = make_plots(results)
     (out / "plots").mkdir(exist_ok=True)
     for name, png in plots.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
-    _write_text(out / "report.md", render_markdown(tables, plots))
-    _write_text(out / "report.html", render_html(tables, plots))
+    write_text_atomic(out / "report.md", render_markdown(tables, plots))
+    write_text_atomic(out / "report.html", render_html(tables, plots))
 
 
 NOTES = (

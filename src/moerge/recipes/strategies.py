@@ -122,7 +122,8 @@ class StrategySpec(BaseModel):
         if not isinstance(raw, dict) or ("options" in raw and isinstance(raw["options"], BaseModel)):
             return raw
         rest = {k: v for k, v in raw.items() if k not in ("name", "kind")}
-        kind = STRATEGIES.get(str(raw.get("kind")), field="kind")
+        with _as_value_error():
+            kind = STRATEGIES.get(str(raw.get("kind")), field="kind")
         unknown = sorted(set(rest) - set(kind.options.model_fields))
         if unknown:
             accepted = ", ".join(kind.options.model_fields) or "none"

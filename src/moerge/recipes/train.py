@@ -1,5 +1,5 @@
-"""Training flows: one expert (`train_expert`), or a multi-stage recipe whose stages run in order, each
-starting from the previous stage's result (`train_recipe`).
+"""Training flows: `train_expert` trains one expert from a config, or from a multi-stage recipe whose
+stages run in order, each starting from the previous stage's result.
 
 A stage `continue`s the previous adapter (keeps training it) or `merge`s it into the weights first
 and then applies its own method. A full-weight stage's result simply becomes the next base.
@@ -130,7 +130,7 @@ def claim_output(out: Path, *, resume: bool, restart: bool, overwrite: bool, sta
 
 
 def train_expert(
-    cfg: TrainConfig,
+    cfg: TrainConfig | StagedConfig,
     out: Path,
     *,
     resume: bool = False,
@@ -139,31 +139,29 @@ def train_expert(
     progress: bool = True,
     device: str | None = None,
 ) -> ExpertMeta:
-    """Train `cfg.method` on `cfg`'s data and write the expert folder `out` (atomically).
+    """Train an expert from one config or from stages, and write the expert folder `out` (atomically).
 
-    Pretraining and self-training configs run as a one-stage recipe (`train_recipe`).
+    A single fine-tuning config runs the loop directly; stages (and a lone pretraining or
+    self-training config, which expands into several steps) run in order, each from the previous result.
     """
     out = Path(out)
-    if cfg.type != "finetune":
-        recipe = StagedConfig(base=cfg.base, name=cfg.name, stages=[cfg])
-        return train_recipe(
-            recipe, out, resume=resume, restart=restart, overwrite=overwrite, progress=progress, device=device
-        )
-    get_method(cfg.method)  # unknown methods fail before anything loads
-    claim_output(
-        out, resume=resume, restart=restart, overwrite=overwrite, started=has_checkpoint(checkpoint_dir_for(out))
-    )
+    if isinstance(cfg, TrainConfig) and cfg.type != "finetune":
+        cfg = StagedConfig(base=cfg.base, name=cfg.name, stages=[cfg])
+    for stage in cfg.stages if isinstance(cfg, StagedConfig) else [cfg]:
+        get_method(stage.method)  # unknown methods fail before anything loads
+    units = plan(cfg) if isinstance(cfg, StagedConfig) else []  # so does a stage chain that cannot work
+    claim_output(out, resume=resume, restart=restart, overwrite=overwrite, started=_interrupted(out))
+    if isinstance(cfg, StagedConfig):
+        return _train_stages(cfg, units, out, overwrite=overwrite, progress=progress, device=device)
     tasks = [load_task(spec, seed=cfg.seed, limit=cfg.limit) for spec in cfg.task_specs]
-    return fit(
-        cfg,
-        out,
-        start=Start(cfg.base),
-        tasks=tasks,
-        resume=resume,
-        overwrite=overwrite,
-        progress=progress,
-        device=device,
-    )
+    start = Start(cfg.base)
+    return fit(cfg, out, start=start, tasks=tasks, resume=resume, overwrite=overwrite, progress=progress, device=device)
+
+
+def _interrupted(out: Path) -> bool:
+    """Whether an earlier run on `out` left progress behind (a checkpoint, or finished stages)."""
+    stages_dir = checkpoint_dir_for(out) / "stages"
+    return has_checkpoint(checkpoint_dir_for(out)) or (stages_dir.is_dir() and any(stages_dir.iterdir()))
 
 
 def child_start(parent: Start, result: Path, kind: str, mode: str) -> Start:
@@ -175,26 +173,13 @@ def child_start(parent: Start, result: Path, kind: str, mode: str) -> Start:
     return Start(parent.base, (*parent.merged, str(result)))
 
 
-def train_recipe(
-    recipe: StagedConfig,
-    out: Path,
-    *,
-    resume: bool = False,
-    restart: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    device: str | None = None,
+def _train_stages(
+    recipe: StagedConfig, units: list[Unit], out: Path, *, overwrite: bool, progress: bool, device: str | None
 ) -> ExpertMeta:
-    """Run every stage of `recipe` (skipping finished ones) and write the expert folder `out`."""
+    """Run the recipe's units (skipping finished ones) and write the expert folder `out`."""
     from moerge.models import fingerprint
 
-    out = Path(out)
-    for cfg in recipe.stages:
-        get_method(cfg.method)
-    units = plan(recipe)
     stages_dir = checkpoint_dir_for(out) / "stages"
-    started = stages_dir.is_dir() and any(stages_dir.iterdir())
-    claim_output(out, resume=resume, restart=restart, overwrite=overwrite, started=started)
     base_info = BaseInfo(name_or_path=recipe.base, fingerprint=fingerprint(recipe.base))
     runner = _Runner(recipe, stages_dir, base_info, progress=progress, device=device)
     for number, unit in enumerate(units, start=1):
