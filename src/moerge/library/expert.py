@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from moerge._version import __version__
 from moerge.errors import MoergeError
 from moerge.paths import parse_json, write_json_atomic
+from moerge.yamlconf import validate
 
 METADATA_FILE = "moerge.json"
 ARTIFACTS_DIR = "artifacts"
@@ -99,13 +100,7 @@ def read_expert_meta(folder: Path) -> ExpertMeta:
 
 def parse_expert_meta(text: str | bytes, source: object) -> ExpertMeta:
     """Validate `moerge.json` text read from anywhere (local file, remote library); errors name `source`."""
-    raw = parse_json(text, source)
-    try:
-        return ExpertMeta.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise MoergeError(f"{source}: field {loc!r}: {err['msg']}") from None
+    return validate(ExpertMeta, parse_json(text, source), str(source))
 
 
 def verify_expert_files(folder: Path, meta: ExpertMeta | None = None) -> list[str]:
