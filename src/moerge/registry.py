@@ -31,7 +31,7 @@ class Registry(Generic[T]):
     def get(self, name: str, *, field: str | None = None) -> T:
         """The entry; an unknown name is a MoergeError starting with `field` (e.g. "method") when given."""
         self._ensure_loaded()
-        if name not in self._entries:
+        if name not in self:
             close = difflib.get_close_matches(str(name), list(self._entries), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             where = f"{field}: " if field else ""
@@ -51,7 +51,7 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         self._ensure_loaded()
-        return name in self._entries
+        return isinstance(name, str) and name in self._entries
 
     def _ensure_loaded(self) -> None:
         if self._load is not None:

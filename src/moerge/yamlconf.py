@@ -34,8 +34,8 @@ class Source:
         full = [*self.prefix, *loc]
         line = line_of(self.root, full)
         where = f"{self.name}:{line}" if line else self.name
-        field = ".".join(str(p) for p in full) or "config"
-        return MoergeError(f"{where}: {field}: {message}")
+        field = ".".join(str(p) for p in full)
+        return MoergeError(f"{where}: {field}: {message}" if field else f"{where}: {message}")
 
 
 def read_yaml(path: Path | str, what: str) -> tuple[dict[str, Any], Source]:
@@ -79,9 +79,13 @@ def validate_options(model: type[M], raw: Any, source: Source | str, what: str) 
         raise source.error([], f"expected a mapping of {what} options, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(model.model_fields), key=str)
     if unknown:
-        accepted = ", ".join(model.model_fields) or "none"
-        raise source.error([unknown[0]], f"not an option of {what} (its options: {accepted})")
+        raise source.error([unknown[0]], f"not {an_option_of(what, model)}")
     return validate(model, raw, source)
+
+
+def an_option_of(what: str, model: type[BaseModel]) -> str:
+    """`an option of <what> (its options: a, b)`: how every refusal of an unknown option ends."""
+    return f"an option of {what} (its options: {', '.join(model.model_fields) or 'none'})"
 
 
 def load_config(path: Path | str, model: type[M], what: str) -> M:

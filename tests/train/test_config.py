@@ -92,9 +92,40 @@ def test_fingerprints_of_experts_trained_before_the_options_models_are_unchanged
     assert mixture.fingerprint() == "6525234330445793"
     assert TrainConfig(base="b", task="t", method="eva", init_batches=2).fingerprint() == "ba585f1d6fa377d3"
     assert TrainConfig(base="b", task="t", method="corda", corda_mode="kpm").fingerprint() == "5e81cd456fedc2ca"
+    previous = {
+        "full": "ae71320115c5ae93",
+        "hft": "aa1726cd6669c0b3",
+        "bitfit": "eb581a143f3a4e18",
+        "ia3": "efbc7556430e0c23",
+    }
+    for method, fingerprint in previous.items():
+        assert TrainConfig(base="b", task="t", method=method).fingerprint() == fingerprint, method
+    assert TrainConfig(base="b", task="t", method="freeze_lower", freeze_layers=2).fingerprint() == "09e6c32ff2b4e129"
 
 
 def test_a_new_default_setting_does_not_change_the_fingerprint():
     base = TrainConfig(base="b", task="t")
     assert TrainConfig(base="b", task="t", keep_top=None, per_task_loss=False).fingerprint() == base.fingerprint()
     assert TrainConfig(base="b", task="t", per_task_loss=True).fingerprint() != base.fingerprint()
+
+
+def test_a_misspelt_top_level_key_of_a_staged_recipe_is_refused(tmp_path):
+    path = _write(tmp_path, {"base": "b", "task": "t", "rnak": 4, "stages": [{"name": "a"}]})
+    with pytest.raises(MoergeError, match=r"train\.yaml:\d+: stages\.0\.rnak: not a training setting"):
+        load_train_config(path)
+
+
+def test_command_line_options_apply_to_the_stages_that_take_them(tmp_path):
+    path = _write(tmp_path, {"base": "b", "task": "t", "stages": [{"name": "a"}, {"method": "full", "start": "merge"}]})
+    recipe = load_train_config(path, {"rank": 16})
+    assert recipe.stages[0].method_options.rank == 16 and recipe.stages[1].method == "full"
+    only_full = _write(tmp_path, {"base": "b", "task": "t", "method": "full", "stages": [{"name": "a"}]})
+    with pytest.raises(MoergeError, match=r"^command-line options: rank: no stage's method \(full\) takes it$"):
+        load_train_config(only_full, {"rank": 16})
+
+
+@pytest.mark.parametrize("method", [["lora"], {"name": ["x"]}, 3])
+def test_a_method_that_is_not_a_name_is_one_line(tmp_path, method):
+    with pytest.raises(MoergeError, match=r"train\.yaml:\d+: method: ") as info:
+        load_train_config(_write(tmp_path, {"base": "b", "task": "t", "method": method}))
+    assert "\n" not in str(info.value)

@@ -104,14 +104,15 @@ class Comparison:
         return Path(str(self.workspace.out)) / "cache" / f"{spec.name}.{what.replace('/', '_')}.{digest}.json"
 
     def experts_key(self, spec: StrategySpec, task: str | None = None) -> dict[str, str]:
-        """The expert content a strategy's result depends on."""
+        """The expert content a strategy's result depends on: the held-in experts it uses, and a
+        folder of its own (an expert or router `path`)."""
         used = spec.registered.experts_used
         hashes = self.workspace.expert_hashes
         if used == "none":
-            return {}
+            return spec.content_key()
         if used == "own" and task is not None:
-            return {task: hashes.get(task, "")}
-        return dict(hashes)
+            return {task: hashes.get(task, ""), **spec.content_key()}
+        return {**hashes, **spec.content_key()}
 
 
 def prepare(config: CompareConfig, out: Path, *, progress: bool = True) -> Comparison:

@@ -31,6 +31,7 @@ from moerge.library.library import validate_name
 from moerge.paths import moerge_home
 from moerge.recipes.train import train_expert
 from moerge.train.config import TrainConfig, config_from_dict
+from moerge.train.methods import METHODS
 from moerge.yamlconf import Source, read_yaml, validate
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -69,6 +70,13 @@ class LibraryConfig(BaseModel):
     method: str = "lora"
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     tasks: list[TaskEntry] = Field(min_length=1)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in METHODS:
+            raise ValueError(f"unknown training method {method!r}; known: {', '.join(METHODS.names())}")
+        return method
 
     @field_validator("tasks", mode="before")
     @classmethod

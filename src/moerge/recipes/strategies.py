@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_serializer, model_validator
 from rich.console import Console
 
 from moerge.errors import MoergeError
 from moerge.registry import Registry
-from moerge.yamlconf import Source, first_error
+from moerge.yamlconf import Source, an_option_of, first_error
 
 console = Console(stderr=True)
 ExpertsUsed = Literal["none", "own", "all"]
@@ -126,8 +126,7 @@ class StrategySpec(BaseModel):
             kind = STRATEGIES.get(str(raw.get("kind")), field="kind")
         unknown = sorted(set(rest) - set(kind.options.model_fields))
         if unknown:
-            accepted = ", ".join(kind.options.model_fields) or "none"
-            raise ValueError(f"{unknown[0]}: not an option of strategy kind {kind.name!r} (its options: {accepted})")
+            raise ValueError(f"{unknown[0]}: not {an_option_of(f'strategy kind {kind.name!r}', kind.options)}")
         name = raw.get("name", kind.name)
         try:
             options = kind.options.model_validate(rest)
@@ -139,9 +138,28 @@ class StrategySpec(BaseModel):
     def registered(self) -> StrategyKind:
         return STRATEGIES.get(self.kind)
 
+    @model_serializer
     def key_dict(self) -> dict[str, Any]:
-        """The spec as plain data: what cached scores and built artefacts are keyed on."""
+        """The spec as plain data, in the flat form a recipe writes (so a dump reads back): what cached
+        scores and built artefacts are keyed on."""
         return {"name": self.name, "kind": self.kind, **self.options.model_dump(mode="json")}
+
+    def content_key(self) -> dict[str, str]:
+        """What the strategy reads from a folder of its own (`path`: an expert or a router), by content,
+        so a folder changed in place is scored again."""
+        path = getattr(self.options, "path", None)
+        return {"path": folder_digest(Path(path))} if path else {}
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over a folder's files (relative path and content)."""
+    if not folder.is_dir():
+        raise MoergeError(f"{folder}: folder not found")
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(folder).as_posix().encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def expand_shorthand(name: str) -> dict[str, Any]:
@@ -179,7 +197,7 @@ class NoOptions(BaseModel):
 
 class ExpertOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    path: str = Field(description="expert folder: a moerge expert, a merge, or any peft LoRA adapter")
+    path: str = Field(description="expert folder: a moerge expert, a merge, or any peft adapter (safetensors)")
 
 
 class MultitaskOptions(BaseModel):
@@ -260,7 +278,7 @@ def load_base_strategy(spec: StrategySpec, ws: Workspace, task: str | None) -> L
 
 @register_strategy("expert", options=ExpertOptions)
 def load_expert_strategy(spec: StrategySpec, ws: Workspace, task: str | None) -> Loaded:
-    """One expert folder on the base: a moerge expert (adapter or full model) or any peft LoRA adapter."""
+    """One expert folder on the base: a moerge expert (adapter or full model) or any peft adapter."""
     from moerge.library.expert import is_expert_folder, read_expert_meta
     from moerge.library.loading import load_model
 

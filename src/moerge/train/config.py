@@ -15,8 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
 from moerge.train.methods import METHODS, get_method
-from moerge.train.methods.base import NoOptions
-from moerge.yamlconf import Source, read_yaml, validate
+from moerge.train.methods.base import DEFAULT_TARGETS, NoOptions
+from moerge.yamlconf import Source, an_option_of, read_yaml, validate
 
 # Settings every fingerprint has hashed, default or not, since the first release. Any other setting,
 # including the ones added since and every future one, enters the hash only when it differs from its
@@ -26,6 +26,9 @@ ALWAYS_HASHED = (
     "batch_size", "max_length", "seed", "limit", "warmup_ratio", "weight_decay",
 )  # fmt: skip
 NOT_HASHED = ("name", "out", "checkpoint_every", "eval_split", "eval_limit")
+# In the first release every method had the LoRA settings; a method without them hashes their values of
+# then, so experts of those methods (full, hft, ia3, ...) keep their hashes too.
+FIRST_RELEASE_DEFAULTS = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": DEFAULT_TARGETS}
 
 
 class TrainConfig(BaseModel):
@@ -90,7 +93,8 @@ class TrainConfig(BaseModel):
         if not isinstance(raw, dict) or isinstance(raw.get("method_options"), BaseModel):
             return raw
         raw, given = split_method_options(raw, set(cls.model_fields))
-        raw["method_options"] = get_method(raw["method"]).options.model_validate(given)
+        if isinstance(raw["method"], str):  # else the `method` field reports its own type error
+            raw["method_options"] = get_method(raw["method"]).options.model_validate(given)
         return raw
 
     @field_validator("tasks", "text", mode="before")
@@ -129,9 +133,10 @@ class TrainConfig(BaseModel):
         """Hash of the settings that change the result (see ALWAYS_HASHED), to refuse resuming with
         different ones and to know when a library's expert is up to date."""
         defaults = {**_field_defaults(TrainConfig), **_field_defaults(type(self.method_options))}
+        settings = {**FIRST_RELEASE_DEFAULTS, **self.settings()}
         keep = {
             key: value
-            for key, value in self.settings().items()
+            for key, value in settings.items()
             if key not in NOT_HASHED and (key in ALWAYS_HASHED or value != defaults.get(key))
         }
         if keep.get("task") is None:
@@ -153,7 +158,8 @@ def split_method_options(raw: dict[str, Any], run_fields: set[str]) -> tuple[dic
     """(run settings with `method` as a name, the method's options) from any of the accepted forms:
     flat keys that are not run settings, `method: {name: ..., <options>}`, or `method_options: {...}`."""
     raw = dict(raw)
-    given = dict(raw.pop("method_options", None) or {})
+    given = raw.pop("method_options", None) or {}
+    given = dict(given) if isinstance(given, dict) else {"method_options": given}
     method = raw.get("method", "lora")
     if isinstance(method, dict):
         given.update({k: v for k, v in method.items() if k != "name"})
@@ -194,8 +200,8 @@ def staged_from_dict(
     """Build each stage from the top-level settings plus its own keys (then `overrides`, e.g. CLI options).
 
     A stage's seed defaults to the recipe's seed plus its index, so seeded choices (HFT's frozen
-    half, data order) differ from stage to stage. A top-level method option (say `rank`) is a default
-    for the stages whose method takes it; a stage whose method does not take it ignores it.
+    half, data order) differ from stage to stage. A top-level or command-line method option (say
+    `rank`) applies to the stages whose method takes it; one that no stage's method takes is refused.
     """
     source = Source(source) if isinstance(source, str) else source
     overrides = dict(overrides or {})
@@ -212,24 +218,38 @@ def staged_from_dict(
         if "base" in stage:
             raise where.error(["base"], "`base` is set once, at the top of the recipe")
         inherited = {**raw, "seed": raw.get("seed", 0) + index}
-        merged = {**_applicable(inherited, {**stage, **overrides}), **stage, **overrides}
+        method = _method_name({**inherited, **stage, **overrides}.get("method", "lora"))
+        merged = {**_for_method(inherited, method), **stage, **_for_method(overrides, method)}
         merged.setdefault("name", f"stage{index + 1}")
         for key, other in (("task", "tasks"), ("tasks", "task")):
             if other not in stage and (key in stage or merged.get("type") == "pretrain"):
                 merged.pop(other, None)  # a stage's own data replaces the recipe's default
         built.append(config_from_dict(merged, where))
+    _refuse_unused_options(overrides, built)
     return validate(StagedConfig, {"base": raw.get("base", ""), "stages": built, **top}, source)
 
 
-def _applicable(inherited: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
-    """The inherited settings minus method options that the stage's own method does not take."""
-    run, options = split_method_options(
-        {**inherited, "method": own.get("method", inherited.get("method", "lora"))}, set(TrainConfig.model_fields)
-    )
-    method = run["method"] if isinstance(run["method"], str) else None
-    takes = set(METHODS.get(method).options.model_fields) if method in METHODS else set(options)
-    dropped = set(options) - takes
-    return {k: v for k, v in inherited.items() if k not in dropped}
+def _method_name(method: Any) -> Any:
+    return method.get("name", "lora") if isinstance(method, dict) else method
+
+
+def _for_method(settings: dict[str, Any], method: Any) -> dict[str, Any]:
+    """`settings` without the options of other methods that `method` does not take. A key that is no
+    method's option stays, so a misspelt setting is still refused."""
+    if method not in METHODS:
+        return settings
+    takes = set(METHODS.get(method).options.model_fields)
+    others = {option for _, m in METHODS.items() for option in m.options.model_fields} - takes
+    return {k: v for k, v in settings.items() if k not in others or k in TrainConfig.model_fields}
+
+
+def _refuse_unused_options(overrides: dict[str, Any], stages: list[TrainConfig]) -> None:
+    """A command-line method option that no stage takes would silently do nothing: refuse it."""
+    taken = {option for stage in stages for option in type(stage.method_options).model_fields}
+    for key in overrides:
+        if key not in TrainConfig.model_fields and key not in taken:
+            methods = sorted({stage.method for stage in stages})
+            raise Source("command-line options").error([key], f"no stage's method ({', '.join(methods)}) takes it")
 
 
 def config_from_dict(raw: dict[str, Any], source: Source | str = "options") -> TrainConfig:
@@ -237,6 +257,8 @@ def config_from_dict(raw: dict[str, Any], source: Source | str = "options") -> T
     A key that is neither a training setting nor an option of the chosen method is refused with both lists."""
     source = Source(source) if isinstance(source, str) else source
     run, given = split_method_options(raw, set(TrainConfig.model_fields))
+    if not isinstance(run["method"], str):
+        raise source.error(["method"], "expected a method name, or a mapping with `name` and its options")
     if run["method"] not in METHODS:
         raise source.error(
             ["method"], f"unknown training method {run['method']!r}; known: {', '.join(METHODS.names())}"
@@ -244,7 +266,6 @@ def config_from_dict(raw: dict[str, Any], source: Source | str = "options") -> T
     options = METHODS.get(run["method"]).options
     unknown = sorted(set(given) - set(options.model_fields), key=str)
     if unknown:
-        accepted = ", ".join(options.model_fields) or "none"
-        message = f"not a training setting, nor an option of method {run['method']!r} (its options: {accepted})"
-        raise source.error([unknown[0]], message)
+        what = f"method {run['method']!r}"
+        raise source.error([unknown[0]], f"not a training setting, nor {an_option_of(what, options)}")
     return validate(TrainConfig, raw, source)
