@@ -44,6 +44,7 @@ def test_help(command) -> None:
 
 def test_full_workflow(tmp_path, adapter, monkeypatch) -> None:
     monkeypatch.setattr(moerge.library.peft_import, "fingerprint", testkit.fake_fingerprint)
+    monkeypatch.setattr(moerge.library.peft_import, "base_layer_shapes", testkit.fake_layer_shapes)
     lib = tmp_path / "lib"
     assert invoke("create", lib).exit_code == 0
     src = testkit.make_expert(tmp_path / "e", adapter, name="e", task="add", metrics={"acc": 0.75})

@@ -227,4 +227,30 @@ def test_failed_download_says_how_to_fix_it(isolated_home: Path, monkeypatch: py
         port = closed.getsockname()[1]
     monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{port}/simple")
     with pytest.raises(MoergeError, match=r"could not download .*127\.0\.0\.1.*MOERGE_BIGBENCH_SDIST"):
-        load_task("bigbench:evenness")
+        load_task("bigbench:intent_recognition")  # a task of the real sdist: unknown ones are refused first
+
+
+def test_unknown_tasks_are_refused_before_downloading_or_extracting(
+    sdist: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(MoergeError, match=r"unknown BIG-bench task 'evennes'.*did you mean evenness"):
+        load_task("bigbench:evennes")  # a local sdist: its member names are listed, nothing is extracted
+    with pytest.raises(MoergeError, match=r"unknown BIG-bench subtask of sums 'three_digit'.*two_digit"):
+        load_task("bigbench:sums/three_digit")
+    assert not (isolated_home / "bigbench").exists()
+    monkeypatch.delenv(bigbench.SDIST_ENV)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # never asked: the shipped index answers
+    with pytest.raises(MoergeError, match=r"unknown BIG-bench task 'intent_recognitoin'.*intent_recognition"):
+        load_task("bigbench:intent_recognitoin")
+    with pytest.raises(MoergeError, match=r"unknown BIG-bench subtask of arithmetic '9_digit_addition'"):
+        load_task("bigbench:arithmetic/9_digit_addition")
+    assert not (isolated_home / "sources").exists() and not (isolated_home / "bigbench").exists()
+
+
+def test_the_shipped_index_lists_the_real_sdist() -> None:
+    from moerge.data import bigbench_index
+
+    tasks = bigbench_index.known_tasks()
+    assert bigbench_index.SDIST_SHA256 == bigbench.SDIST_SHA256
+    assert len(tasks) == 167 and sum(map(len, tasks.values())) == 874
+    assert "intent_recognition" in tasks and "1_digit_addition" in tasks["arithmetic"]

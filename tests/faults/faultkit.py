@@ -14,6 +14,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+# Tiny models run fastest on one thread; several threads per process only fight over this CI's 2 cores.
+QUIET_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
 
 def moerge(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600):
     """`moerge ARGS` in a fresh Python process (the installed entry point's code path)."""
@@ -22,7 +25,7 @@ def moerge(*args: str, cwd: Path | None = None, env: dict[str, str] | None = Non
         capture_output=True,
         text=True,
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **QUIET_ENV, **(env or {})},
         timeout=timeout,
     )
 
@@ -78,6 +81,7 @@ def interrupt(args: list[str], when: str, sig: int, *, cwd: Path, timeout: float
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **QUIET_ENV},
     )
     deadline = time.monotonic() + timeout
     while not (cwd / when).exists() and proc.poll() is None and time.monotonic() < deadline:

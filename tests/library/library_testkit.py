@@ -65,6 +65,20 @@ def make_expert(folder: Path, adapter: Path, *, name: str, task: str = "add", **
     return folder
 
 
+def fake_layer_shapes(name_or_path: str) -> dict[str, tuple[int, ...]]:
+    """Stands in for moerge.models.loading.base_layer_shapes: the fake bases (`FINGERPRINTS`) are the tiny
+    Llama every test adapter is made for; anything else is read from its folder."""
+    from torch import nn
+    from transformers import LlamaForCausalLM
+
+    from moerge.models.loading import base_layer_shapes
+
+    if name_or_path not in FINGERPRINTS:
+        return base_layer_shapes(name_or_path)
+    model = LlamaForCausalLM(tiny_llama_config())
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
 def fake_fingerprint(name_or_path: str) -> str:
     """Stands in for moerge.models.fingerprint: known bases resolve, anything else cannot."""
     if name_or_path not in FINGERPRINTS:

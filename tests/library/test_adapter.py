@@ -141,7 +141,8 @@ def test_pickled_weights_are_refused_unread(tmp_path: Path, loras: dict[str, Pat
     shutil.copytree(loras["plain"], folder)
     (folder / ADAPTER_WEIGHTS).unlink()
     (folder / "adapter_model.bin").write_bytes(b"not a pickle: unpickling this would raise")
-    with pytest.raises(MoergeError, match=r"adapter_model\.bin is not read .*safe_serialization=True\)$"):
+    refusal = r"adapter_model\.bin: pickle weights are not read .*safe_serialization=True\)$"
+    with pytest.raises(MoergeError, match=refusal):
         open_adapter(folder)
     (folder / "adapter_model.bin").unlink()
     with pytest.raises(MoergeError, match=rf"{ADAPTER_WEIGHTS}: not found"):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from library_testkit import fake_fingerprint, make_adapter
+from library_testkit import fake_fingerprint, fake_layer_shapes, make_adapter
 from safetensors import safe_open
 
 import moerge.library.peft_import as peft_import
@@ -17,6 +17,7 @@ from moerge.library import ExpertLibrary
 @pytest.fixture(autouse=True)
 def fingerprints(monkeypatch) -> None:
     monkeypatch.setattr(peft_import, "fingerprint", fake_fingerprint)
+    monkeypatch.setattr(peft_import, "base_layer_shapes", fake_layer_shapes)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_import_refuses_pickles_and_non_adapters(tmp_path, adapters) -> None:
     lib = ExpertLibrary.create(tmp_path / "lib")
     pickled = with_base(adapters["lora"], tmp_path / "pickled", None)
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
-    with pytest.raises(MoergeError, match=r"adapter_model\.bin is not read"):
+    with pytest.raises(MoergeError, match=r"adapter_model\.bin: pickle weights are not read"):
         lib.import_peft(pickled, task="t", base="tiny-llama")
     (tmp_path / "empty").mkdir()
     with pytest.raises(MoergeError, match=r"adapter_config\.json: not found"):

@@ -31,14 +31,17 @@ def show(
     task: str = typer.Argument(
         ..., help="A .jsonl/.csv/.parquet file, a saved datasets folder, gym:<generator> or bigbench:<task>."
     ),
-    n: int = typer.Option(3, "--n", min=0, help="How many examples to print."),
+    n: int = typer.Option(3, "--n", help="How many examples to print."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/validation/test split."),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Keep at most this many examples in all."),
+    limit: int | None = typer.Option(None, "--limit", help="Keep at most this many examples in all (at least 1)."),
     split: str = typer.Option("train", "--split", help="Which split to print examples from."),
 ) -> None:
     """Print a task's split sizes, whether it is multiple-choice, and a few formatted examples."""
+    from moerge.cli.evaluate import at_least
     from moerge.data.loaders import load_task
 
+    at_least(0, n=n)
+    at_least(1, limit=limit)
     loaded = load_task(task, seed=seed, limit=limit)
     examples = loaded.split(split)
     table = Table(title=loaded.name)

@@ -17,6 +17,14 @@ if TYPE_CHECKING:
 console = Console()
 
 
+def at_least(minimum: int, **flags: int | None) -> None:
+    """Refuse a count option below `minimum` (one line naming the flag), before anything loads.
+    Keywords are flag names with `_` for `-`: `at_least(1, limit=limit)` checks `--limit`."""
+    for name, value in flags.items():
+        if value is not None and value < minimum:
+            raise MoergeError(f"--{name.replace('_', '-')}: must be at least {minimum}, got {value}")
+
+
 def _load(base: str, adapter: Path | None, router: Path | None) -> Loaded:
     """The base, an expert or a router, through the same strategy registry `compare` uses."""
     from moerge.recipes.strategies import StrategySpec, Workspace, load_strategy
@@ -48,6 +56,7 @@ def eval_command(
     from moerge.data.loaders import load_task
     from moerge.eval import evaluate_task
 
+    at_least(1, limit=limit, task_limit=task_limit, batch_size=batch_size)
     loaded_task = load_task(task, seed=seed, limit=task_limit)
     loaded = _load(base, adapter, router)
     metrics = evaluate_task(
@@ -75,6 +84,7 @@ def generate_command(
     from moerge.data.task import Example
     from moerge.eval.evaluate import generate_answers
 
+    at_least(1, max_new_tokens=max_new_tokens)
     loaded = _load(base, adapter, router)
     example = Example(input=prompt, target="")
     answers = generate_answers(

@@ -41,10 +41,21 @@ def add(
     expert_dir: Path = typer.Argument(..., help="Expert folder (peft files + moerge.json)."),
     name: str | None = typer.Option(None, "--name", "-n", help="Name in the library (default: moerge.json's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an expert of the same name."),
+    skip_links: bool = typer.Option(
+        False,
+        "--skip-links",
+        help="Leave out symbolic links and special files (FIFOs, sockets, devices) instead of refusing the "
+        "folder; files moerge.json lists are never left out.",
+    ),
 ) -> None:
-    """Copy an expert in: verified against its sha256s, then swapped in atomically."""
-    name = _open(path).add(expert_dir, name=name, overwrite=overwrite)
-    console.print(f"added {name}")
+    """Copy an expert in (regular files only): verified against its sha256s, then swapped in atomically."""
+    from moerge.paths import special_entries
+
+    left_out = special_entries(expert_dir) if skip_links and expert_dir.is_dir() else []
+    name = _open(path).add(expert_dir, name=name, overwrite=overwrite, skip_links=skip_links)
+    console.print(f"added {name}", highlight=False)
+    for rel, what in left_out:
+        console.print(f"left out {rel}: {what}", highlight=False)
 
 
 def import_peft(
@@ -125,7 +136,8 @@ def export(
 
 
 def verify(path: str = PATH, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Recompute every file's sha256; exit 1 if anything is corrupted, missing or unregistered."""
+    """Recompute every file's sha256; exit 1 if anything is corrupted, missing, unregistered or left over
+    by an interrupted write."""
     report = _open(path).verify()
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
@@ -136,6 +148,11 @@ def verify(path: str = PATH, as_json: bool = typer.Option(False, "--json", help=
             console.print(f"[red]missing[/red] {name}: registered, but its folder is gone", highlight=False)
         for name in report.unregistered:
             console.print(f"[yellow]unregistered[/yellow] {name}: run `moerge library rebuild`", highlight=False)
+        for entry in report.leftovers:
+            console.print(
+                f"[yellow]leftover[/yellow] {entry}: left by an interrupted write; `moerge library rebuild` removes it",
+                highlight=False,
+            )
         status = "[green]ok[/green]" if report.ok else "[red]problems found[/red]"
         console.print(f"{status}: {report.checked} experts checked")
     if not report.ok:
@@ -143,7 +160,7 @@ def verify(path: str = PATH, as_json: bool = typer.Option(False, "--json", help=
 
 
 def rebuild(path: str = PATH) -> None:
-    """Regenerate the catalog from the experts' moerge.json files."""
+    """Regenerate the catalog from the experts' moerge.json files; remove leftovers of interrupted writes."""
     names = _open(path).rebuild()
     console.print(f"catalog rebuilt: {len(names)} experts")
 

@@ -116,11 +116,13 @@ def explain(
     layers: bool = typer.Option(False, "--layers", help="Also show the weights per layer."),
 ) -> None:
     """Print, per task, the routing weight each expert received (averaged over tokens and layers)."""
+    from moerge.cli.evaluate import at_least
     from moerge.data import load_task
     from moerge.models import load_base
     from moerge.route import load_routed, read_router_config
     from moerge.route.explain import explain_routing
 
+    at_least(1, limit=limit)
     config = read_router_config(router)
     model, tokenizer = load_base(base or config.get("base", {}).get("name_or_path", ""))
     model = load_routed(model, router, tokenizer=tokenizer)

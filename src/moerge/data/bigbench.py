@@ -3,6 +3,10 @@
 The sdist is only downloaded from the package index (never installed: it needs tensorflow), and only its
 `benchmark_tasks/**/task.json` files are extracted, once, into `$MOERGE_HOME/bigbench/`.
 `MOERGE_BIGBENCH_SDIST` points at a local copy of the tar.gz instead.
+
+A task name is checked before anything is fetched: until the official sdist is extracted, against the
+index of its tasks shipped with moerge (`bigbench_index`), so a misspelt task costs no download; once
+extracted (or with a local sdist), against the extracted folders.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from filelock import FileLock
 
+from moerge.data.bigbench_index import SDIST_SHA256 as INDEXED_SHA256
+from moerge.data.bigbench_index import known_tasks
 from moerge.data.sources import RawTask, task_source
 from moerge.data.task import Example
 from moerge.errors import MoergeError
@@ -144,17 +150,36 @@ def _extract(sdist: Path, final: Path) -> None:
         write_json_atomic(tmp / MARKER, _sdist_identity(sdist))
 
 
+def _extracted(override: str | None) -> bool:
+    """Whether the cache holds the extracted task files of the sdist in use (`override`: a local one)."""
+    if override and not Path(override).is_file():
+        raise MoergeError(f"{SDIST_ENV}={override}: file not found")
+    marker = cache_dir() / MARKER
+    wanted = _sdist_identity(Path(override)) if override else None
+    return marker.is_file() and (wanted is None or json.loads(marker.read_text()) == wanted)
+
+
+def _sdist_tasks(sdist: Path) -> dict[str, tuple[str, ...]]:
+    """Task → subtasks of an sdist, from its member names alone (nothing is extracted)."""
+    found: dict[str, set[str]] = {}
+    try:
+        with tarfile.open(sdist, "r:*") as tar:
+            for member in tar:
+                target = _task_file_target(member)
+                if target is not None and len(target.parts) in (2, 3):
+                    found.setdefault(target.parts[0], set()).update(target.parts[1:-1])
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise MoergeError(f"{sdist}: not a readable BIG-bench sdist ({exc})") from None
+    return {task: tuple(sorted(subtasks)) for task, subtasks in found.items()}
+
+
 def tasks_root() -> Path:
     """The extracted `benchmark_tasks` folder, extracting (and downloading) it the first time."""
     final = cache_dir()
     override = os.environ.get(SDIST_ENV)
     moerge_home().mkdir(parents=True, exist_ok=True)
     with FileLock(str(moerge_home() / "bigbench.lock")):
-        marker = final / MARKER
-        if override and not Path(override).is_file():
-            raise MoergeError(f"{SDIST_ENV}={override}: file not found")
-        wanted = _sdist_identity(Path(override)) if override else None
-        if marker.is_file() and (wanted is None or json.loads(marker.read_text()) == wanted):
+        if _extracted(override):
             return final / "benchmark_tasks"
         sdist = Path(override) if override else moerge_home() / "sources" / SDIST_NAME
         if not sdist.is_file():
@@ -174,6 +199,25 @@ def _unknown(spec: str, kind: str, name: str, known: list[str]) -> MoergeError:
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"{len(known)} are available"
     return MoergeError(f"{spec}: unknown BIG-bench {kind} {name!r} (JSON tasks only); {hint}")
+
+
+def check_known_before_extracting(spec: str, task: str, subtask: str | None) -> None:
+    """Refuse a task (or subtask) the sdist does not have before it is downloaded or extracted: a local
+    sdist (`MOERGE_BIGBENCH_SDIST`) by listing its members, the official one by the shipped index.
+    Once extracted, `_read_task_json` checks the extracted folders instead."""
+    override = os.environ.get(SDIST_ENV)
+    if _extracted(override):
+        return
+    if override:
+        index = _sdist_tasks(Path(override))
+    elif SDIST_SHA256 == INDEXED_SHA256:
+        index = known_tasks()
+    else:
+        return  # an sdist the index does not describe: checked once extracted
+    if task not in index:
+        raise _unknown(spec, "task", task, sorted(index))
+    if subtask is not None and subtask not in index[task]:
+        raise _unknown(spec, f"subtask of {task}", subtask, list(index[task]))
 
 
 def _read_task_json(spec: str, root: Path, task: str, subtask: str | None) -> dict[str, Any]:
@@ -214,6 +258,7 @@ def load_bigbench(spec: str) -> RawTask:
     task, _, subtask = name.partition("/")
     if not task:
         raise MoergeError(f"{spec}: expected bigbench:<task>[/<subtask>], e.g. bigbench:strategyqa")
+    check_known_before_extracting(spec, task, subtask or None)
     data = _read_task_json(spec, tasks_root(), task, subtask or None)
     examples = [_example(spec, i, raw) for i, raw in enumerate(data.get("examples", []))]
     return RawTask(

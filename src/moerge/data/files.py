@@ -104,22 +104,41 @@ def rows_to_task(name: str, rows: Iterable[Row]) -> RawTask:
     return RawTask(name=name, presplit=presplit)
 
 
-def _jsonl_rows(spec: str, path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as fh:
+def _text_lines(spec: str, path: Path, what: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a text file; a NUL byte (a binary file) is refused at its line."""
+    with path.open("rb") as fh:
         for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{spec}:{number}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MoergeError(f"{spec}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if b"\x00" in line:
+                raise MoergeError(f"{spec}:{number}: not a text file (NUL byte; expected {what})")
+            yield number, line
+
+
+def _decoded(spec: str, number: int, line: bytes, what: str) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MoergeError(f"{spec}:{number}: not UTF-8 text (byte {exc.start + 1}; expected {what})") from None
+
+
+def _jsonl_rows(spec: str, path: Path) -> Iterator[Row]:
+    for number, raw in _text_lines(spec, path, "JSON lines"):
+        line = _decoded(spec, number, raw, "JSON lines")
+        if not line.strip():
+            continue
+        try:
+            yield f"{spec}:{number}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MoergeError(f"{spec}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
 
 
 def _csv_rows(spec: str, path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
+    lines = (_decoded(spec, n, raw, "CSV") for n, raw in _text_lines(spec, path, "CSV"))
+    reader = csv.DictReader(lines)  # lines keep their endings, as a file opened with newline="" gives them
+    try:
         for fields in reader:
             yield f"{spec}:{reader.line_num}", fields
+    except csv.Error as exc:
+        raise MoergeError(f"{spec}:{reader.line_num}: invalid CSV ({exc})") from None
 
 
 @task_source("jsonl", usage="a .jsonl file", suffixes=(".jsonl",))

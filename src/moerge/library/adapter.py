@@ -8,6 +8,12 @@ indexed without loading a tensor.
 A LoRA's update of module m is Δ = s·B·A with peft's own scaling s = α/r (α/√r with rsLoRA), r and α
 taken from `rank_pattern`/`alpha_pattern` when a pattern matches (peft's `get_pattern_key`), else from
 `r`/`lora_alpha`, whose defaults are peft's `LoraConfig` defaults. `LoraAdapter.factors` folds s into A.
+Numbers must be finite (a NaN α is refused at open), and every tensor read is checked with
+`check_finite` (a NaN/inf factor is refused, never merged or routed).
+
+Provenance: `check_same_base` is the one base-fingerprint check of everything that combines experts or
+puts one on a base (loading, merging, routing, comparing): the experts' recorded fingerprints must
+agree with each other and, when the base is known, with the base's.
 """
 
 from __future__ import annotations
@@ -15,17 +21,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from safetensors import SafetensorError, safe_open
 
 from moerge.errors import MoergeError
-from moerge.library.expert import ExpertMeta, check_expert_intact, is_expert_folder
+from moerge.library.expert import METADATA_FILE, ExpertMeta, check_expert_intact, is_expert_folder
+from moerge.models.loading import SafetensorsFile, check_finite, open_safetensors, safetensors_shapes
+from moerge.models.sources import pickle_refusal
 from moerge.paths import parse_json
 from moerge.yamlconf import Source, validate
 
@@ -60,6 +67,8 @@ AdapterT = TypeVar("AdapterT", bound="PeftAdapter")
 def _number(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value}")
     return value
 
 
@@ -168,20 +177,16 @@ def _check_files(folder: Path) -> None:
         return
     pickled = next((name for name in PICKLE_WEIGHTS if (folder / name).is_file()), None)
     if pickled:
-        raise MoergeError(
-            f"{folder / pickled}: {pickled} is not read (pickle files can run code); load the adapter in peft"
-            " and re-save it with save_pretrained(folder, safe_serialization=True)"
+        raise pickle_refusal(
+            folder / pickled,
+            "peft: PeftModel.from_pretrained(model, folder).save_pretrained(folder, safe_serialization=True)",
         )
     raise MoergeError(f"{folder / ADAPTER_WEIGHTS}: not found (expected peft's safetensors weights)")
 
 
 def read_tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape, from the safetensors header alone."""
-    try:
-        with safe_open(str(weights), framework="pt") as fh:
-            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
-    except SafetensorError as exc:
-        raise MoergeError(f"{weights}: not a readable safetensors file ({exc})") from None
+    return safetensors_shapes(weights)
 
 
 def _read_folder(folder: Path, label: str | None) -> dict[str, Any]:
@@ -229,6 +234,14 @@ class PeftAdapter:
     def parameter_count(self) -> int:
         """Parameters stored in the weights file (every tensor, from the header)."""
         return sum(math.prod(shape) for shape in self.tensor_shapes.values())
+
+    def check_values(self) -> PeftAdapter:
+        """Read every tensor once and refuse NaN/inf values (`check_finite`), for users that hand the
+        file to peft instead of reading factors here (loading, importing)."""
+        with open_safetensors(self.weights_path) as fh:
+            for key in fh:
+                check_finite({key: fh.get_tensor(key)}, self.weights_path)
+        return self
 
 
 def open_adapter(folder: str | Path, label: str | None = None) -> PeftAdapter:
@@ -317,33 +330,40 @@ class LoraAdapter(PeftAdapter):
 
     @cached_property
     def _reader(self) -> Any:
-        return safe_open(str(self.weights_path), framework="pt")
+        return SafetensorsFile.open(self.weights_path)
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(s·A, B) in float32, so Δ = B @ A with the scaling folded into A; None when `module` is not adapted."""
+        """(s·A, B) in float32, so Δ = B @ A with the scaling folded into A; None when `module` is not adapted.
+        A factor holding NaN/inf is refused (`check_finite`)."""
         if module not in self.factor_keys:
             return None
         key_a, key_b = self.factor_keys[module]
         a = self._reader.get_tensor(key_a).float()
         b = self._reader.get_tensor(key_b).float()
+        check_finite({key_a: a, key_b: b}, self.weights_path)
         return a * self.scaling(module), b
 
     def check_against(self, model: nn.Module) -> dict[str, str]:
         """Map each adapted module to the `model` module it updates; refuse modules the model lacks, or whose
         layer is not an nn.Linear of Δ's (out, in) shape ((in, out) weights with fan_in_fan_out)."""
-        names = dict(model.named_modules())
+        layers = {name: _layer_shape(layer, self.config.fan_in_fan_out) for name, layer in model.named_modules()}
+        return self.check_layers(layers)
+
+    def check_layers(self, layers: Mapping[str, tuple[int, ...] | str], base: str = "the base model") -> dict[str, str]:
+        """`check_against` for a base known by its layers: name → (out, in) of its linear layers (a name
+        describing any other layer); `models.loading.base_layer_shapes` gives them from a base's files."""
         found = {}
         for module in self.modules:
-            name = _model_name(names, module)
+            name = _model_name(layers, module)
             if name is None:
                 raise MoergeError(
-                    f"{self.folder}: module {module}: not in the base model (was the adapter trained on another base?)"
+                    f"{self.folder}: module {module}: not in {base} (was the adapter trained on another base?)"
                 )
-            actual = _layer_shape(names[name], self.config.fan_in_fan_out)
+            actual = layers[name]
             if actual != self.shape(module):
                 raise MoergeError(
                     f"{self.folder}: module {module}: the adapter's update is {self.shape(module)} (out, in),"
-                    f" the base model's layer is {actual or type(names[name]).__name__} (another base?)"
+                    f" {base}'s layer is {actual} (another base?)"
                 )
             found[module] = name
         return found
@@ -355,25 +375,69 @@ def _model_name(names: Collection[str], module: str) -> str | None:
     return next((c for c in (module, module.removeprefix("model."), f"model.{module}") if c in names), None)
 
 
-def _layer_shape(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int] | None:
-    """(out, in) of a linear layer (a transposed 2-D weight with fan_in_fan_out); None for any other layer."""
+def _layer_shape(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, ...] | str:
+    """(out, in) of a linear layer (a transposed 2-D weight with fan_in_fan_out); the type name of any other."""
     from torch import nn
 
     if fan_in_fan_out:
         weight = getattr(layer, "weight", None)
-        return tuple(reversed(weight.shape)) if weight is not None and weight.dim() == 2 else None  # type: ignore[return-value]
-    return (layer.out_features, layer.in_features) if isinstance(layer, nn.Linear) else None
+        if weight is not None and weight.dim() == 2:
+            return tuple(reversed(weight.shape))
+    elif isinstance(layer, nn.Linear):
+        return (layer.out_features, layer.in_features)
+    return type(layer).__name__
 
 
 # --------------------------------------------------------------------------- several experts
 
 
-def check_same_base(adapters: Sequence[PeftAdapter]) -> None:
-    """Refuse experts whose `moerge.json` names different base fingerprints (unknown ones are not compared)."""
-    known = {a.label: a.fingerprint for a in adapters if a.fingerprint != UNKNOWN}
-    if len(set(known.values())) > 1:
-        listing = ", ".join(f"{label}={fp[:12]}" for label, fp in known.items())
-        raise MoergeError(f"experts: trained on different base models (base.fingerprint: {listing})")
+class Recorded(Protocol):
+    """What `check_same_base` reads of an expert: a `PeftAdapter`, or a `RecordedBase` for other kinds."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def folder(self) -> Path: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class RecordedBase:
+    """An expert's recorded base without opening it as an adapter (full-weight experts)."""
+
+    label: str
+    folder: Path
+    fingerprint: str
+
+
+def short_fingerprint(fingerprint: str) -> str:
+    """`sha256:` and the first 12 hex digits: enough to tell bases apart in a message."""
+    kind, _, digest = fingerprint.partition(":")
+    return f"{kind}:{digest[:12]}" if digest else fingerprint[:19]
+
+
+def check_same_base(experts: Sequence[Recorded], base: str | None = None, *, base_name: str = "the base model") -> None:
+    """The one provenance check: refuse experts whose `moerge.json` names different base fingerprints,
+    and, given the fingerprint `base` of the base they are put on (`base_name` names it in the message),
+    any expert trained on another base. Experts without a recorded fingerprint are not compared."""
+    known = [e for e in experts if e.fingerprint != UNKNOWN]
+    odd = next((e for e in known if e.fingerprint != known[0].fingerprint), None)
+    if odd is not None:
+        listing = ", ".join(f"{e.label}={short_fingerprint(e.fingerprint)}" for e in known)
+        raise MoergeError(
+            f"{odd.folder / METADATA_FILE}: base.fingerprint: experts trained on different base models ({listing})"
+        )
+    if base is None or base == UNKNOWN:
+        return
+    for expert in known:
+        if expert.fingerprint != base:
+            raise MoergeError(
+                f"{expert.folder / METADATA_FILE}: base.fingerprint: expert {expert.label} was trained on base"
+                f" {short_fingerprint(expert.fingerprint)}, but {base_name} has fingerprint {short_fingerprint(base)}"
+            )
 
 
 def check_same_shapes(adapters: Sequence[LoraAdapter]) -> None:

@@ -24,6 +24,10 @@ from moerge.yamlconf import validate
 METADATA_FILE = "moerge.json"
 ARTIFACTS_DIR = "artifacts"
 FORMAT_VERSION = 1
+REQUIRED_FILES = {"adapter": ("adapter_config.json", "adapter_model.safetensors"), "full": ("config.json",)}
+"""Per kind, the files `moerge.json`'s `files` map must list (their sha256 vouches for them): what peft
+reads of an adapter; a full expert is a model folder whose every file a loader may read, so there
+every payload file present must be listed too."""
 
 
 class TaskInfo(BaseModel):
@@ -103,11 +107,27 @@ def parse_expert_meta(text: str | bytes, source: object) -> ExpertMeta:
     return validate(ExpertMeta, parse_json(text, source), str(source))
 
 
+def unlisted_files(folder: Path, meta: ExpertMeta) -> list[str]:
+    """Problems of `meta.files` coverage: a file the expert's kind requires (`REQUIRED_FILES`; for a full
+    expert also a `*.safetensors` weights file and every payload file present) that the map does not
+    list, so no hash would vouch for it."""
+    folder = Path(folder)
+    where = folder / METADATA_FILE
+    required = list(REQUIRED_FILES.get(meta.kind, ()))
+    if meta.kind == "full":
+        if not any(rel.endswith(".safetensors") for rel in meta.files):
+            required.append("*.safetensors (the model's weights)")
+        required += payload_files(folder) if folder.is_dir() else []
+    missing = [rel for rel in dict.fromkeys(required) if rel not in meta.files]
+    return [f"{where}: files: {rel} is not listed (no recorded sha256 vouches for it)" for rel in missing]
+
+
 def verify_expert_files(folder: Path, meta: ExpertMeta | None = None) -> list[str]:
-    """Problems with the folder's files against their recorded sha256 (empty list: intact)."""
+    """Problems with the folder's files against their recorded sha256 (empty list: intact), the required
+    files' coverage (`unlisted_files`) first."""
     folder = Path(folder)
     meta = meta or read_expert_meta(folder)
-    problems = []
+    problems = unlisted_files(folder, meta)
     for rel, expected in meta.files.items():
         path = folder / rel
         if not path.is_file():

@@ -10,12 +10,21 @@ Every change goes: copy into a temp folder inside the library, verify the sha256
 lock, write a `.pending-<name>` marker, swap the folder in by rename, update the catalog and drop the
 marker. A crash leaves the marker behind; the next writer (or opener) finishes or undoes the swap, so
 the library shows either the old state or the new one.
+
+Only regular files are copied in: a symbolic link, FIFO, socket or device in the source folder is
+refused (or, with `skip_links`, left out), so nothing from outside it reaches the library. A temp
+folder is locked by the add that writes it (created under the library lock), so a temp folder
+nobody holds is the leftover of an add that died, even by SIGKILL: `verify` reports it, and `rebuild`
+and the next writer remove it. Remote libraries cannot lock a folder; there a temp folder older
+than STALE_TMP_SECONDS counts as left over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import posixpath
 import re
 import shutil
@@ -42,7 +51,7 @@ from moerge.library.expert import (
     read_expert_meta,
     verify_expert_files,
 )
-from moerge.paths import atomic_directory, moerge_home
+from moerge.paths import CAN_LOCK, atomic_directory, copy_regular_tree, hold, in_use, moerge_home, special_entries
 
 MARKER_FILE = "library.json"
 CATALOG_FILE = "catalog.sqlite"
@@ -55,6 +64,14 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _RESERVED = {MARKER_FILE, CATALOG_FILE}
 
 
+def _filesystem(url: str) -> tuple[Any, str]:
+    """fsspec's filesystem for a library location; an unknown scheme or a missing backend is one line."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ValueError, ImportError) as exc:
+        raise MoergeError(f"{url}: cannot open this library location ({exc})") from None
+
+
 def validate_name(name: Any, what: str = "expert name") -> str:
     """Refuse names that could escape the library or collide with its own files."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name in _RESERVED:
@@ -63,6 +80,23 @@ def validate_name(name: Any, what: str = "expert name") -> str:
             "not starting with '.' and without path separators"
         )
     return name
+
+
+SKIP_HINT = " into a library (remove it, or pass --skip-links to leave it out)"
+
+
+def _check_source(folder: Path, skip_links: bool) -> list[str]:
+    """Refuse a source folder holding a symlink or special file (unless `skip_links`); returns what the
+    copy will leave out. moerge.json itself must always be a regular file."""
+    if not folder.is_dir():
+        return []  # reading its moerge.json gives the error
+    found = special_entries(folder)
+    for rel, what in found:
+        if rel == METADATA_FILE:
+            raise MoergeError(f"{folder / rel}: is {what}; an expert's moerge.json must be a regular file")
+        if not skip_links:
+            raise MoergeError(f"{folder / rel}: is {what}; only regular files are copied{SKIP_HINT}")
+    return [rel for rel, _ in found]
 
 
 def _metric_value(metrics: dict[str, Any], dotted: str) -> Any:
@@ -87,10 +121,11 @@ class VerifyReport:
     corrupted: dict[str, list[str]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     unregistered: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)  # bookkeeping entries of writers that died
 
     @property
     def ok(self) -> bool:
-        return not (self.corrupted or self.missing or self.unregistered)
+        return not (self.corrupted or self.missing or self.unregistered or self.leftovers)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,6 +134,7 @@ class VerifyReport:
             "corrupted": self.corrupted,
             "missing": self.missing,
             "unregistered": self.unregistered,
+            "leftovers": self.leftovers,
         }
 
 
@@ -107,7 +143,7 @@ class ExpertLibrary:
 
     def __init__(self, location: str | Path) -> None:
         self.url = str(location)
-        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.fs, root = _filesystem(self.url)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = posixpath.normpath(root) if self.local else root.rstrip("/")
         if not self.fs.isfile(self._p(MARKER_FILE)):
@@ -132,7 +168,7 @@ class ExpertLibrary:
     @classmethod
     def create(cls, location: str | Path) -> ExpertLibrary:
         """Make an empty library; refuses a folder that already holds something."""
-        fs, root = fsspec.core.url_to_fs(str(location))
+        fs, root = _filesystem(str(location))
         marker = posixpath.join(root, MARKER_FILE)
         if fs.isfile(marker):
             raise MoergeError(f"{location}: already a moerge library")
@@ -179,11 +215,38 @@ class ExpertLibrary:
         except MoergeError as exc:
             return [str(exc)]
 
-    def _upload(self, src: Path, dest: str) -> None:
+    def _upload(self, src: Path, dest: str, skip_links: bool) -> None:
+        """Copy the regular files below `src` to `dest` (a symlink or special file refuses the copy,
+        or is left out with `skip_links`)."""
         if self.local:
-            shutil.copytree(src, dest)
-        else:
-            self.fs.put(str(src).rstrip("/") + "/", dest, recursive=True)
+            copy_regular_tree(src, dest, skip_special=skip_links, hint=SKIP_HINT)
+            return
+        special = {rel for rel, _ in special_entries(src)}
+        for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not Path(dirpath, d).is_symlink())
+            for name in sorted(filenames):
+                rel = Path(dirpath, name).relative_to(src).as_posix()
+                if rel not in special:
+                    self.fs.makedirs(posixpath.dirname(posixpath.join(dest, rel)), exist_ok=True)
+                    self.fs.put_file(str(Path(dirpath, name)), posixpath.join(dest, rel))
+
+    @contextlib.contextmanager
+    def _new_temp(self, name: str):
+        """A fresh temp folder path inside the library, removed on the way out unless swapped in.
+
+        Locally the folder is created and locked under the library lock, which every cleaner holds,
+        so a cleaner never mistakes it for a dead add's leftover.
+        """
+        tmp = self._p(f"{TMP_PREFIX}{time.time():.0f}-{uuid.uuid4().hex[:8]}-{name}")
+        with contextlib.ExitStack() as held:
+            try:
+                if self.local:
+                    with self._lock:
+                        os.mkdir(tmp)
+                        held.enter_context(hold(tmp))
+                yield tmp
+            finally:
+                self._remove_tree(tmp)
 
     def _remove_tree(self, path: str) -> None:
         if self.fs.exists(path):
@@ -236,16 +299,32 @@ class ExpertLibrary:
         for orphan in self._entries(OLD_PREFIX):
             self._remove_tree(self._p(orphan))
 
-    def _remove_stale_temps(self) -> None:
-        """Temp folders of adds that died long ago (their name starts with the creation time)."""
-        now = time.time()
+    def _stale_temps(self) -> list[str]:
+        """Temp folders of adds that died: nobody holds their lock (local), or, where folders cannot be
+        locked, they were started more than STALE_TMP_SECONDS ago (their name starts with that time)."""
+        now, stale = time.time(), []
         for entry in self._entries(TMP_PREFIX):
-            try:
-                started = float(entry[len(TMP_PREFIX) :].split("-", 1)[0])
-            except ValueError:
-                started = 0.0
-            if now - started > STALE_TMP_SECONDS:
-                self._remove_tree(self._p(entry))
+            if self.local and CAN_LOCK:
+                dead = not in_use(self._p(entry))
+            else:
+                try:
+                    started = float(entry[len(TMP_PREFIX) :].split("-", 1)[0])
+                except ValueError:
+                    started = 0.0
+                dead = now - started > STALE_TMP_SECONDS
+            if dead:
+                stale.append(entry)
+        return stale
+
+    def _remove_stale_temps(self) -> None:
+        """Under the lock: remove the temp folders of adds that died."""
+        for entry in self._stale_temps():
+            self._remove_tree(self._p(entry))
+
+    def _leftovers(self) -> list[str]:
+        """What writers that died left in the library: stale temp copies, set-aside old folders and
+        unfinished swap markers (the last two only outside a swap, i.e. under the lock)."""
+        return sorted(self._stale_temps() + self._entries(OLD_PREFIX) + self._entries(PENDING_PREFIX))
 
     # ---- public API --------------------------------------------------------------------------------
 
@@ -302,26 +381,35 @@ class ExpertLibrary:
             self.fs.get(self._p(name) + "/", str(tmp), recursive=True)
         return dest
 
-    def add(self, folder: str | Path, name: str | None = None, overwrite: bool = False) -> str:
-        """Copy an expert folder in (verified, atomic) and register it; returns its name in the library."""
+    def add(
+        self, folder: str | Path, name: str | None = None, overwrite: bool = False, skip_links: bool = False
+    ) -> str:
+        """Copy an expert folder in (regular files only, verified, atomic) and register it; returns its
+        name in the library. A symbolic link, FIFO, socket or device in `folder` is refused, or left
+        out with `skip_links` (never one that moerge.json lists)."""
         folder = Path(folder)
+        skipped = _check_source(folder, skip_links)
         meta = read_expert_meta(folder)
+        needed = [rel for rel in skipped if rel in meta.files]
+        if needed:
+            raise MoergeError(
+                f"{folder / needed[0]}: is not a regular file but moerge.json lists it, so it cannot be "
+                "left out; only regular files are copied into a library"
+            )
         name = validate_name(meta.name if name is None else name)
         self._refuse_clobber(name, overwrite)
         meta = meta.model_copy(update={"name": name})
-        tmp = self._p(f"{TMP_PREFIX}{time.time():.0f}-{uuid.uuid4().hex[:8]}-{name}")
-        try:
-            self._upload(folder, tmp)
+        with self._new_temp(name) as tmp:
+            self._upload(folder, tmp, skip_links)
             problems = self._problems(tmp, meta)
             if problems:
                 raise MoergeError(f"{folder}: copy failed verification ({problems[0]}); nothing was added")
             self.fs.pipe_file(posixpath.join(tmp, METADATA_FILE), _meta_json(meta))
             with self._lock:
                 self._recover()
+                self._remove_stale_temps()
                 self._refuse_clobber(name, overwrite)
                 self._swap(name, tmp, meta)
-        finally:
-            self._remove_tree(tmp)
         return name
 
     def _refuse_clobber(self, name: str, overwrite: bool) -> None:
@@ -354,6 +442,7 @@ class ExpertLibrary:
         validate_name(name)
         with self._lock:
             self._recover()
+            self._remove_stale_temps()
             if self.catalog.get(name) is None and not self.fs.exists(self._p(name)):
                 raise MoergeError(f"{self.url}: no expert named {name!r} (see `moerge library list`)")
             self._swap(name, None, None)
@@ -371,9 +460,17 @@ class ExpertLibrary:
         return dest
 
     def verify(self) -> VerifyReport:
-        """Recompute every registered file's sha256; report corrupted, missing and unregistered experts."""
+        """Recompute every registered file's sha256; report corrupted, missing and unregistered experts,
+        and what writers that died left behind (temp copies, set-aside folders, swap markers)."""
+        try:
+            with self._lock:
+                leftovers = self._leftovers()
+        except OSError:  # a library we may not write to: report what is there without the lock
+            leftovers = self._leftovers()
         registered, folders = set(self.catalog.names()), set(self._folders())
-        report = VerifyReport(missing=sorted(registered - folders), unregistered=sorted(folders - registered))
+        report = VerifyReport(
+            missing=sorted(registered - folders), unregistered=sorted(folders - registered), leftovers=leftovers
+        )
         for name in sorted(registered & folders):
             report.checked += 1
             problems = self._problems(self._p(name))
@@ -384,7 +481,8 @@ class ExpertLibrary:
         return report
 
     def rebuild(self) -> list[str]:
-        """Regenerate the catalog from the folders' moerge.json files (folders without one are skipped)."""
+        """Regenerate the catalog from the folders' moerge.json files (folders without one are skipped),
+        after finishing interrupted swaps and removing what writers that died left behind."""
         with self._lock:
             self._recover()
             self._remove_stale_temps()

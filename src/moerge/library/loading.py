@@ -1,4 +1,11 @@
-"""Loading a base model with an expert applied, refusing corrupted or mismatched experts."""
+"""Loading a base model with an expert applied, refusing corrupted or mismatched experts.
+
+`attach_adapter` is the one way an adapter folder is put on a loaded model (evaluation, generation,
+comparison, and training that continues or merges earlier adapters): the folder is opened by the one
+reader (`open_adapter`: safetensors only, files checked against `moerge.json`, config types), its
+values are checked finite, a LoRA's modules are checked against the model, and only then does peft
+load it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moerge.errors import MoergeError
-from moerge.library.adapter import LoraAdapter, PeftAdapter, open_adapter
+from moerge.library.adapter import LoraAdapter, PeftAdapter, RecordedBase, check_same_base, open_adapter
 from moerge.library.expert import check_expert_intact, is_expert_folder, read_expert_meta
 from moerge.models.loading import fingerprint, load_base
 
@@ -19,6 +26,7 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base alone, or with the expert at `adapter` (a moerge expert or any peft adapter folder).
 
+    The expert's recorded base fingerprint must be the base's (`check_same_base`).
     `merge=True` folds the adapter into the weights (peft's `merge_and_unload`): the same function,
     but inference runs at the base model's speed instead of paying for ~200 LoRA side paths.
     """
@@ -29,37 +37,37 @@ def load_model(
         raise MoergeError(f"{folder}: expert folder not found")
     if is_expert_folder(folder) and read_expert_meta(folder).kind == "full":
         meta = check_expert_intact(folder)
-        model, tokenizer = load_base(folder, device=device)
-        _check_base(meta.base.fingerprint, fingerprint(base), folder, base)
-        return model, tokenizer
+        recorded = RecordedBase(meta.name, folder, meta.base.fingerprint)
+        check_same_base([recorded], fingerprint(base), base_name=f"--base {base}")
+        return load_base(folder, device=device)
     expert = open_adapter(folder)
     model, tokenizer = load_base(base, device=device)
     if expert.meta is not None:
-        _check_base(expert.fingerprint, fingerprint(model), folder, base)
-    peft_model = _attach_adapter(model, expert)
+        check_same_base([expert], fingerprint(model), base_name=f"--base {base}")
+    peft_model = attach_adapter(model, expert)
     return (peft_model.merge_and_unload() if merge else peft_model), tokenizer
 
 
-def _check_base(expected: str, actual: str, folder: Path, base: str | Path) -> None:
-    if expected not in ("unknown", actual):
-        raise MoergeError(
-            f"{folder}: expert was trained on base {expected}, but --base {base} has fingerprint {actual}"
-        )
-
-
-def _attach_adapter(model: PreTrainedModel, adapter: PeftAdapter) -> PreTrainedModel:
-    """peft applies the adapter `open_adapter` validated (a LoRA's modules checked against the model first)."""
+def attach_adapter(
+    model: PreTrainedModel, adapter: PeftAdapter | str | Path, *, trainable: bool = False
+) -> PreTrainedModel:
+    """peft applies the adapter (a folder is opened with `open_adapter` first): its tensors checked
+    finite, a LoRA's modules checked against the model. `trainable` keeps training it."""
     from peft import PeftModel
     from safetensors import SafetensorError
 
+    if not isinstance(adapter, PeftAdapter):
+        adapter = open_adapter(adapter)
+    adapter.check_values()
     if isinstance(adapter, LoraAdapter):
         adapter.check_against(model)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter.folder))
+        peft_model = PeftModel.from_pretrained(model, str(adapter.folder), is_trainable=trainable)
     except SafetensorError as exc:
         raise MoergeError(f"{adapter.weights_path}: corrupted safetensors file ({exc})") from None
     except (ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MoergeError(f"{adapter.folder}: could not load adapter: {first}") from None
-    peft_model.eval()
+    if not trainable:
+        peft_model.eval()
     return peft_model

@@ -2,7 +2,9 @@
 
 peft records the method and its shape (rank, alpha, targets) but not the task, the data, metrics or
 cost; those are filled from the caller or marked "unknown". The base is checked by fingerprint so an
-adapter is never filed under a base it was not trained on.
+adapter is never filed under a base it was not trained on, and everything is validated before anything
+is written: the config's types (the one reader, `open_adapter`), every tensor's values (finite), and a
+LoRA's factor shapes against the base's layers (read from the base's safetensors headers).
 """
 
 from __future__ import annotations
@@ -12,9 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from moerge.errors import MoergeError
-from moerge.library.adapter import ADAPTER_CONFIG, UNKNOWN, AdapterConfig, LoraAdapterConfig, PeftAdapter, open_adapter
+from moerge.library.adapter import (
+    ADAPTER_CONFIG,
+    UNKNOWN,
+    AdapterConfig,
+    LoraAdapter,
+    LoraAdapterConfig,
+    PeftAdapter,
+    open_adapter,
+)
 from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo
 from moerge.models import fingerprint
+from moerge.models.loading import base_layer_shapes
 
 
 def method_of(config: AdapterConfig) -> str:
@@ -66,6 +77,9 @@ def peft_meta(adapter_dir: Path, *, task: str, base: str, name: str) -> ExpertMe
     """The `moerge.json` content for a plain peft adapter: known fields filled, the rest 'unknown'."""
     adapter = open_adapter(adapter_dir, name)
     base_fingerprint = fingerprint(base)
+    if isinstance(adapter, LoraAdapter):
+        adapter.check_layers(base_layer_shapes(base), base=f"--base {base}")
+    adapter.check_values()
     return ExpertMeta(
         name=name,
         kind="adapter",

@@ -4,6 +4,8 @@ Linear merges are exact: the merged update Σ c_k·B_k·A_k equals [B_1 … B_K]
 so the factors are concatenated (rank = sum of ranks). Otherwise, or when a rank is requested,
 each module's merged update is refactored by truncated SVD (the best rank-r approximation) and
 its relative reconstruction error is reported. The adapter uses lora_alpha = r, i.e. scaling 1.
+A merge whose update is zero in every module is refused (`MergePlan.check_nonzero`), and the factors are written
+by `save_safetensors`, which refuses NaN/inf.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from moerge.library.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from moerge.merge.plan import MergePlan, release_freed_memory
+from moerge.models.loading import save_safetensors
 from moerge.paths import write_json_atomic
 
 Progress = Callable[[int, int, str], None]
@@ -72,15 +74,18 @@ def merge_to_factors(
         rank = max(e.rank(m) for e in plan.experts for m in e.modules)
     factors: dict[str, Factors] = {}
     errors: dict[str, float] = {}
+    nonzero = False
     for done, module in enumerate(plan.modules, 1):
         if exact:
             factors[module] = concat_factors(plan, module)
         else:
             a, b, errors[module] = truncated_svd(plan.delta(module), rank)
             factors[module] = (a, b)
+        nonzero = nonzero or plan.factors_nonzero(*factors[module])
         release_freed_memory()
         if progress:
             progress(done, len(plan.modules), module)
+    plan.check_nonzero(nonzero)
     return factors, errors
 
 
@@ -92,7 +97,7 @@ def write_adapter(folder: Path, plan: MergePlan, factors: dict[str, Factors]) ->
         pad = rank - a.shape[0]
         tensors[f"base_model.model.{module}.lora_A.weight"] = torch.nn.functional.pad(a, (0, 0, 0, pad))
         tensors[f"base_model.model.{module}.lora_B.weight"] = torch.nn.functional.pad(b, (0, pad))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / ADAPTER_WEIGHTS, {"format": "pt"})
+    save_safetensors(tensors, folder / ADAPTER_WEIGHTS, {"format": "pt"})
     write_json_atomic(folder / ADAPTER_CONFIG, adapter_config(plan, rank))
     return rank
 

@@ -25,7 +25,7 @@ from moerge.yamlconf import Source, read_yaml, validate
 
 
 class ExpertRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str | None = None
     path: str | None = None
     weight: float = 1.0

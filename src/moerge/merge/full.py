@@ -2,7 +2,10 @@
 
 Memory stays near one base tensor plus one module's expert updates: base tensors are read one at
 a time and streamed into the output shards (safetensors is a JSON header followed by raw bytes,
-and every output shape and dtype is known from the base's headers before any data is read).
+and every output shape and dtype is known from the base's headers before any data is read). Every
+tensor is checked finite (`check_finite`) before its bytes are written, and a merge whose update is
+zero everywhere is refused. The base must be a safetensors folder whose fingerprint the experts
+recorded (`check_same_base`).
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from moerge.errors import MoergeError
+from moerge.library.adapter import check_same_base
 from moerge.merge.plan import MergePlan, release_freed_memory
-from moerge.paths import write_json_atomic
+from moerge.models.loading import SafetensorsFile, check_finite, open_safetensors
+from moerge.paths import parse_json, write_json_atomic
 
 Progress = Callable[[int, int, str], None]
 INDEX_FILE = "model.safetensors.index.json"
@@ -58,12 +62,7 @@ def check_base_fingerprint(plan: MergePlan, base: Path) -> str:
     from moerge.models import fingerprint
 
     actual = fingerprint(base)
-    for expert in plan.experts:
-        if expert.fingerprint not in ("unknown", actual):
-            raise MoergeError(
-                f"output.base: {base} has fingerprint {actual}, but expert {expert.label}"
-                f" was trained on {expert.fingerprint}"
-            )
+    check_same_base(plan.experts, actual, base_name=f"output.base {base}")
     return actual
 
 
@@ -71,16 +70,19 @@ def base_tensors(folder: Path) -> list[TensorSpec]:
     """Every tensor of the base checkpoint (single file or index), in file order."""
     index = folder / INDEX_FILE
     if index.is_file():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        weight_map = parse_json(index.read_bytes(), index)
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise MoergeError(f"{index}: weight_map: expected a mapping of tensor names to files")
+        files = sorted({folder / str(f) for f in weight_map["weight_map"].values()})
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise MoergeError(f"output.base: {folder} holds no safetensors weights")
     specs = []
     for file in files:
-        with safe_open(file, framework="pt") as fh:
-            for name in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
-                view = fh.get_slice(name)
+        with open_safetensors(file) as fh:
+            for name in fh:
+                view = fh.handle.get_slice(name)
                 specs.append(TensorSpec(name, file, view.get_dtype(), tuple(view.get_shape())))
     return specs
 
@@ -112,6 +114,7 @@ def write_safetensors_stream(path: Path, specs: list[TensorSpec], tensors: Itera
         fh.write(len(raw).to_bytes(8, "little"))
         fh.write(raw)
         for spec, tensor in zip(specs, tensors, strict=True):
+            check_finite({spec.name: tensor}, path)
             data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
             if data.nbytes != spec.nbytes:
                 raise MoergeError(f"{spec.name}: merged tensor has {data.nbytes} bytes, expected {spec.nbytes}")
@@ -132,22 +135,23 @@ def check_modules_in_base(plan: MergePlan, specs: dict[str, TensorSpec]) -> None
 
 
 def merged_tensors(
-    plan: MergePlan, shard: list[TensorSpec], on_module: Callable[[str], None]
+    plan: MergePlan, shard: list[TensorSpec], on_module: Callable[[str, bool], None]
 ) -> Iterator[torch.Tensor]:
     """Base tensors of one shard, each target weight plus its merged update, in base dtype."""
     targets = {f"{m}.weight": m for m in plan.modules}
-    readers: dict[Path, object] = {}
+    readers: dict[Path, SafetensorsFile] = {}
     for spec in shard:
-        reader = readers.setdefault(spec.file, safe_open(spec.file, framework="pt"))
-        tensor = reader.get_tensor(spec.name)  # type: ignore[attr-defined]
+        if spec.file not in readers:
+            readers[spec.file] = SafetensorsFile.open(spec.file)
+        tensor = readers[spec.file].get_tensor(spec.name)
         module = targets.get(spec.name)
         if module is not None:
             delta = plan.delta(module)
             delta = delta.T if plan.fan_in_fan_out else delta
+            on_module(module, bool(delta.count_nonzero()))
             tensor = (tensor.float() + delta).to(tensor.dtype)
             del delta
             release_freed_memory()
-            on_module(module)
         yield tensor
 
 
@@ -164,8 +168,10 @@ def write_full(
     check_modules_in_base(plan, {s.name: s for s in specs})
     shards = plan_shards(specs, max_shard_bytes)
     done = itertools.count(1)
+    changed_modules: list[bool] = []
 
-    def on_module(module: str) -> None:
+    def on_module(module: str, changed: bool) -> None:
+        changed_modules.append(changed)
         if progress:
             progress(next(done), len(plan.modules), module)
 
@@ -177,6 +183,7 @@ def write_full(
     for name, shard in zip(names, shards, strict=True):
         shard = sorted(shard, key=lambda s: -_ITEM_SIZE[s.dtype])  # keeps every tensor aligned
         write_safetensors_stream(folder / name, shard, merged_tensors(plan, shard, on_module))
+    plan.check_nonzero(any(changed_modules))
     if len(shards) > 1:
         weight_map = {spec.name: name for name, shard in zip(names, shards, strict=True) for spec in shard}
         total = sum(s.nbytes for s in specs)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moerge.errors import MoergeError
 from moerge.registry import Registry
@@ -37,8 +37,16 @@ _LINES_BETA = "LiNeS depth scaling: factor added linearly up to the last layer (
 class MergeOptions(BaseModel):
     """Options every merge method takes: factors on each module's merged update."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     scaling: float = Field(1.0, description="λ multiplying every module's merged update")
+
+    @field_validator("scaling")
+    @classmethod
+    def _nonzero_scaling(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("must not be 0 (the merged update would be zero everywhere)")
+        return value
+
     lines_alpha: float | None = Field(None, description=_LINES_ALPHA)
     lines_beta: float | None = Field(None, description=_LINES_BETA)
 
@@ -62,7 +70,7 @@ def _majority_sign() -> Any:
 
 class MagnitudeOptions(MergeOptions):
     density: float = Field(
-        0.2, ge=0.0, le=1.0, description="fraction of each expert's entries kept, largest magnitudes first"
+        0.2, gt=0.0, le=1.0, description="fraction of each expert's entries kept, largest magnitudes first"
     )
 
 
@@ -78,7 +86,7 @@ class SeededOptions(MergeOptions):
 
 class DareOptions(SeededOptions):
     density: float = Field(
-        0.5, ge=0.0, le=1.0, description="probability of keeping each entry; kept entries are rescaled by 1/density"
+        0.5, gt=0.0, le=1.0, description="probability of keeping each entry; kept entries are rescaled by 1/density"
     )
 
 
@@ -89,7 +97,7 @@ class DareTiesOptions(DareOptions):
 class BreadcrumbsOptions(MergeOptions):
     density: float = Field(
         0.9,
-        ge=0.0,
+        gt=0.0,
         le=1.0,
         description="fraction of each expert's entries kept below the outliers, largest magnitudes first",
     )

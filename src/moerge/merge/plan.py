@@ -98,6 +98,25 @@ class MergePlan:
         merged = self.method.fn(self.task_vectors(module), self.weights, self.options_for(module))
         return merged * post_scale(self.options, self.layer_fraction(module))
 
+    @staticmethod
+    def factors_nonzero(a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Whether B·A is not (numerically) zero, without forming it: ‖BA‖² = Σ (AAᵀ ∘ BᵀB), in float64,
+        against the bound ‖A‖²·‖B‖² (exact factors of experts that cancel out have non-zero blocks)."""
+        a64, b64 = a.double(), b.double()
+        energy = float(((a64 @ a64.T) * (b64.T @ b64)).sum())
+        bound = float(a64.square().sum() * b64.square().sum())
+        return bound > 0 and energy > 1e-9 * bound
+
+    def check_nonzero(self, nonzero: bool) -> None:
+        """Both writers call this once every module is merged (`nonzero`: some module's update is not all
+        zeros): a merge whose update is zero everywhere would write the base back, labelled a merge."""
+        if not nonzero:
+            options = ", ".join(f"{k}={v}" for k, v in self.options.model_dump().items() if v is not None)
+            raise MoergeError(
+                f"merge: the {self.method.name} update is zero in every module (weights {self.weights.tolist()},"
+                f" {options}); nothing would be merged"
+            )
+
     def coefficients(self, module: str) -> torch.Tensor:
         """Linear methods only: c_k with merged Δ = Σ c_k·Δ_k for this module."""
         if self.method.coefficients is None:

@@ -22,7 +22,7 @@ from moerge.merge.adapter import merge_to_factors, write_adapter
 from moerge.merge.config import MergeSpec
 from moerge.merge.full import check_base_fingerprint, resolve_base_folder, write_full
 from moerge.merge.plan import MergePlan, open_experts
-from moerge.paths import atomic_directory
+from moerge.paths import EXPERT, atomic_directory, check_replaceable
 
 Progress = Callable[[int, int, str], None]
 
@@ -41,9 +41,17 @@ def build_plan(spec: MergeSpec) -> MergePlan:
 
 
 def run_merge(spec: MergeSpec, progress: Progress | None = None) -> MergeResult:
-    """Merge as `spec` says. With a library and an adapter output, the result joins the library."""
+    """Merge as `spec` says. With a library and an adapter output, the result joins the library.
+
+    A folder output is claimed by the shared rule (`check_replaceable`) before any expert is read:
+    `overwrite` replaces an expert folder only, never a router, a file or a folder moerge did not write.
+    """
+    to_library = spec.library is not None and spec.output.kind == "adapter"
+    final = Path(spec.output.out).expanduser()
+    if not to_library:
+        check_replaceable(final, overwrite=bool(spec.output.overwrite), kind=EXPERT)
     plan = build_plan(spec)
-    if spec.library is not None and spec.output.kind == "adapter":
+    if to_library:
         from moerge.library import ExpertLibrary
 
         library = ExpertLibrary(spec.library)
@@ -55,8 +63,7 @@ def run_merge(spec: MergeSpec, progress: Progress | None = None) -> MergeResult:
             meta, errors = _write(folder, spec, plan, progress)
             name = library.add(folder, name=spec.output.out, overwrite=spec.output.overwrite)
         return MergeResult(Path(library.path(name)), meta, errors)
-    final = Path(spec.output.out).expanduser()
-    with atomic_directory(final, overwrite=spec.output.overwrite) as folder:
+    with atomic_directory(final, overwrite=bool(spec.output.overwrite), kind=EXPERT) as folder:
         meta, errors = _write(folder, spec, plan, progress)
     return MergeResult(final, meta, errors)
 

@@ -1,11 +1,18 @@
-"""Loading a base model and tokenizer, and fingerprinting it so experts know their base."""
+"""Loading a base model and tokenizer, fingerprinting it so experts know their base, and the one way
+moerge reads and writes safetensors files.
+
+Weights are read from safetensors only (`use_safetensors=True`; pickled folders are refused by
+`resolve_base`). `check_finite` is the one check that refuses NaN/inf tensors: every writer of weights
+(merges, training, routers) calls it before writing, and `read_safetensors` after reading.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moerge.errors import MoergeError
 from moerge.models.sources import resolve_base
@@ -28,16 +35,19 @@ def load_base(
 
     hf_logging.disable_progress_bar()  # moerge shows its own progress; per-file bars are noise
     hf_logging.set_verbosity_error()
+    from safetensors import SafetensorError
+
     where = resolve_base(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), use_safetensors=True)
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MoergeError(
             f"could not load base model {name_or_path!r} (not a cached name, a local folder, "
-            f"or a reachable hub id): {first}"
+            f"or a reachable hub id with safetensors weights): {_first_line(exc)}"
         ) from None
+    except SafetensorError as exc:
+        raise MoergeError(f"{where}: a weights file is not a readable safetensors file ({_first_line(exc)})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device:
@@ -63,7 +73,7 @@ def _digest(named: Iterable[tuple[str, tuple[int, ...], Callable[[], torch.Tenso
         digest.update(f"{name}:{list(shape)};".encode())
     step = max(1, len(items) // _SAMPLED_TENSORS)
     for _, _, get in items[::step][:_SAMPLED_TENSORS]:
-        values = get().detach().flatten()[:_SAMPLED_VALUES].to(torch.bfloat16)
+        values = get().detach().flatten()[:_SAMPLED_VALUES].cpu().to(torch.bfloat16)
         digest.update(values.view(torch.int16).numpy().tobytes())
     return "sha256:" + digest.hexdigest()[:32]
 
@@ -85,22 +95,131 @@ def fingerprint(model_or_path: PreTrainedModel | str | Path) -> str:
 
 
 def _safetensors_entries(folder: Path) -> list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
-    from safetensors import safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise MoergeError(f"{folder}: no *.safetensors weights to fingerprint")
-    entries = []
-    for file in files:
-        with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
-                shape = tuple(fh.get_slice(key).get_shape())
-                entries.append((key, shape, (lambda f=file, k=key: _read_tensor(f, k))))
-    return entries
+    return [
+        (key, shape, (lambda f=file, k=key: _read_tensor(f, k)))
+        for file in files
+        for key, shape in safetensors_shapes(file).items()
+    ]
 
 
 def _read_tensor(file: Path, key: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as fh:
+    with open_safetensors(file) as fh:
         return fh.get_tensor(key)
+
+
+def base_layer_shapes(name_or_path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Module name → weight shape of every 2-D `*.weight` of a local base model, from its safetensors
+    headers alone (no tensor is read). A tied output head (no `lm_head.weight` stored) takes the input
+    embedding's shape, as the loaded model's does."""
+    folder = Path(resolve_base(name_or_path))
+    if not folder.is_dir():
+        raise MoergeError(f"{name_or_path}: checking shapes needs a local model folder")
+    layers = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        for key, shape in safetensors_shapes(file).items():
+            if key.endswith(".weight") and len(shape) == 2:
+                layers[_canonical(key).removesuffix(".weight")] = shape
+    if "lm_head" not in layers and "model.embed_tokens" in layers:
+        layers["lm_head"] = layers["model.embed_tokens"]
+    return layers
+
+
+# --------------------------------------------------------------------------- safetensors files
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class SafetensorsFile:
+    """An open safetensors file whose read failures are one MoergeError naming it (`open_safetensors`
+    closes it after a block; `SafetensorsFile.open` keeps it open, like `safe_open`)."""
+
+    def __init__(self, path: Path, handle: Any) -> None:
+        self.path = path
+        self.handle = handle
+
+    @classmethod
+    def open(cls, path: str | Path) -> SafetensorsFile:
+        """`safe_open(path)`; a damaged or truncated file is one MoergeError naming it."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            return cls(Path(path), safe_open(str(path), framework="pt"))
+        except (SafetensorError, OSError) as exc:
+            raise _unreadable(Path(path), exc) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.handle.keys()))
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.handle.get_slice(key).get_shape())
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        try:
+            return self.handle.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise _unreadable(self.path, exc) from None
+
+
+def _unreadable(path: Path, exc: BaseException) -> MoergeError:
+    if isinstance(exc, FileNotFoundError):
+        return MoergeError(f"{path}: not found")
+    return MoergeError(f"{path}: not a readable safetensors file ({_first_line(exc)})")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | Path) -> Iterator[SafetensorsFile]:
+    """A `SafetensorsFile` for the block (closed after it)."""
+    reader = SafetensorsFile.open(path)
+    with reader.handle:
+        yield reader
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the header alone."""
+    with open_safetensors(path) as fh:
+        return {key: fh.shape(key) for key in fh}
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, refused (one MoergeError naming the file) when the file is
+    damaged or a tensor holds NaN/inf."""
+    with open_safetensors(path) as fh:
+        tensors = {key: fh.get_tensor(key) for key in fh}
+    check_finite(tensors, path)
+    return tensors
+
+
+def check_finite(
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], where: object, hint: str = ""
+) -> None:
+    """The one check that weights are usable numbers: refuse any floating tensor holding NaN or ±inf,
+    naming `where` (the file or folder) and the tensor; `hint` (e.g. what to change) ends the message."""
+    import torch
+
+    for name, tensor in tensors.items() if isinstance(tensors, Mapping) else tensors:
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+        if bad:
+            raise MoergeError(
+                f"{where}: tensor {name}: {bad} of {tensor.numel()} values are NaN or infinite;"
+                f" {hint or 'refusing to use it'}"
+            )
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write `tensors` to `path` after `check_finite` (a NaN/inf tensor is never written)."""
+    from safetensors.torch import save_file
+
+    check_finite(tensors, path)
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(path), metadata)

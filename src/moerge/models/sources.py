@@ -144,13 +144,41 @@ def cached_models() -> list[dict[str, str]]:
     return rows
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Weight files that are Python pickles: moerge never unpickles them (loading one can run its code)."""
+
+
+def pickle_refusal(path: Path, convert: str) -> MoergeError:
+    """The one refusal of a pickled weights file, saying how to convert it (`convert`: the Python that
+    re-saves it as safetensors)."""
+    return MoergeError(
+        f"{path}: pickle weights are not read (unpickling can run code; moerge reads safetensors only);"
+        f" convert them once with {convert}"
+    )
+
+
+def check_safetensors_folder(folder: Path) -> None:
+    """A local model folder must hold its weights as safetensors; a folder with pickled weights only
+    (`pytorch_model.bin`, ...) is refused with how to convert it."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+    if pickled:
+        convert = "transformers: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder)"
+        raise pickle_refusal(pickled[0], convert)
+    raise MoergeError(f"{folder}: no *.safetensors weights (expected a model folder saved with save_pretrained)")
+
+
 def resolve_base(name_or_path: str | Path) -> str:
-    """A cached/packaged name → its folder; an existing folder → itself; anything else → hub id."""
+    """A cached/packaged name → its folder; an existing folder → itself; anything else → hub id.
+
+    A local folder must be a model folder with safetensors weights (`check_safetensors_folder`)."""
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise MoergeError(f"{path}: not a model folder (no config.json)")
+        check_safetensors_folder(path)
         return str(path)
     if text in PACKAGED:
         return str(fetch_model(text))

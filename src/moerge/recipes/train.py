@@ -37,7 +37,7 @@ from moerge.library.expert import (
     read_expert_meta,
     write_expert_meta,
 )
-from moerge.paths import atomic_directory, write_json_atomic
+from moerge.paths import EXPERT, atomic_directory, check_replaceable, write_json_atomic
 from moerge.train.checkpoint import checkpoint_dir_for, has_checkpoint
 from moerge.train.config import StagedConfig, TrainConfig
 from moerge.train.loop import Start, fit, load_start
@@ -119,10 +119,12 @@ def _check_start(recipe: StagedConfig, index: int) -> None:
 
 
 def claim_output(out: Path, *, resume: bool, restart: bool, overwrite: bool, started: bool) -> None:
-    """Refuse to clobber an expert or silently drop an interrupted run (`started`: one left progress)."""
-    if out.exists() and not overwrite:
-        raise MoergeError(f"{out}: already exists (pass --overwrite to replace it)")
+    """Refuse to clobber anything but an expert (the shared rule, `check_replaceable`), an expert
+    without `overwrite`, or to silently drop an interrupted run (`started`: one left progress)."""
+    check_replaceable(out, overwrite=overwrite, kind=EXPERT)
     workdir = checkpoint_dir_for(out)
+    if workdir.is_symlink() or (workdir.exists() and not workdir.is_dir()):
+        raise MoergeError(f"{workdir}: in the way of the training work folder (not a folder); move it away")
     if started and not resume:
         if not restart:
             raise MoergeError(f"{out}: an interrupted run left a checkpoint; pass --resume to continue or --restart")

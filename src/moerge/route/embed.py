@@ -70,7 +70,7 @@ def _minilm(texts: Sequence[str], batch_size: int) -> torch.Tensor:
 
         where = resolve_base("minilm-l6-v2")
         _MINILM["tok"] = AutoTokenizer.from_pretrained(where)
-        _MINILM["model"] = AutoModel.from_pretrained(where).eval()
+        _MINILM["model"] = AutoModel.from_pretrained(where, use_safetensors=True).eval()
     tok, model = _MINILM["tok"], _MINILM["model"]
     parts = []
     for i in range(0, len(texts), batch_size):

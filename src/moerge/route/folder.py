@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from moerge.errors import MoergeError
-from moerge.paths import atomic_directory, parse_json, write_json_atomic
+from moerge.library.adapter import short_fingerprint
+from moerge.models.loading import check_finite, read_safetensors
+from moerge.paths import ROUTER, atomic_directory, parse_json, write_json_atomic
 from moerge.route.policies import Policy, parse_policy
 from moerge.route.router import OptionsModel, Router, RouterEnv, get_router
 from moerge.route.routing import Routing
@@ -95,9 +97,10 @@ def build_router(
     chosen = make_policy(router, policy)
     model, tokenizer, base_name = _load_model(base, tokenizer)
     fingerprint = _fingerprint(model)
-    handle = attach_experts(model, experts)
+    handle = attach_experts(model, experts, base_fingerprint=fingerprint)
     try:
         instance = prepare_router(handle, router, tokenizer=tokenizer, options=options, data=data, library=library)
+        check_finite(instance.tensors(), out, f"the {router} router's state is unusable, nothing was written")
         save_router(out, instance, chosen, handle, {"name_or_path": base_name, "fingerprint": fingerprint}, overwrite)
     finally:
         handle.detach()
@@ -123,7 +126,8 @@ def save_router(
         "experts": [{"name": e.name, "path": str(e.folder.resolve())} for e in handle.experts],
         "base": base,
     }
-    with atomic_directory(Path(out), overwrite=overwrite) as tmp:
+    # the shared rule: --overwrite replaces a router folder only (never an expert, a file or a user's folder)
+    with atomic_directory(Path(out), overwrite=overwrite, kind=ROUTER) as tmp:
         save_file(router.tensors(), str(tmp / TENSORS_FILE))
         write_json_atomic(tmp / CONFIG_FILE, config)
 
@@ -133,9 +137,19 @@ def read_router_config(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MoergeError(f"{path}: not found (is {folder} a router folder made by `moerge route build`?)")
     config = parse_json(path.read_bytes(), path)
+    if not isinstance(config, dict):
+        raise MoergeError(f"{path}: expected a JSON object, got {type(config).__name__}")
     for key in ("router", "experts", "policy"):
         if key not in config:
             raise MoergeError(f"{path}: field {key!r} missing")
+    experts = config["experts"]
+    if not isinstance(experts, list) or not experts:
+        raise MoergeError(f"{path}: experts: expected a non-empty list of objects with name and path")
+    for i, entry in enumerate(experts):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("path"), str)):
+            raise MoergeError(f"{path}: experts.{i}: expected an object with string fields name and path")
+    if not isinstance(config.get("base", {}), dict):
+        raise MoergeError(f"{path}: base: expected a mapping, got {type(config['base']).__name__}")
     if not isinstance(config.get("derived", {}), dict):
         raise MoergeError(f"{path}: derived: expected a mapping, got {type(config['derived']).__name__}")
     return config
@@ -159,19 +173,22 @@ def load_routed(
     `parameter_counts()`. `policy` overrides the saved policy fields. The saved options and policy
     are checked before the model is touched.
     """
-    from safetensors.torch import load_file
-
     path = Path(router) / CONFIG_FILE
     config = read_router_config(router)
     experts = {e["name"]: e["path"] for e in config["experts"]}
     instance = _saved_router(config, path, list(experts))
     chosen = parse_policy(config["policy"], Source(str(path)).at("policy")).updated(policy)
+    tensors = read_safetensors(Path(router) / TENSORS_FILE)
     model, tokenizer, _ = _load_model(base, tokenizer)
+    actual = _fingerprint(model)
     expected = config.get("base", {}).get("fingerprint", "unknown")
-    if expected != "unknown" and _fingerprint(model) != expected:
-        raise MoergeError(f"{router}: was built for another base model (fingerprint {expected[:12]}...)")
-    handle = attach_experts(model, experts)
-    instance.load_tensors(load_file(str(Path(router) / TENSORS_FILE)))
+    if expected not in ("unknown", actual):
+        raise MoergeError(
+            f"{path}: base.fingerprint: the router was built on another base ({short_fingerprint(str(expected))})"
+            f" than the base model ({short_fingerprint(actual)})"
+        )
+    handle = attach_experts(model, experts, base_fingerprint=actual)
+    instance.load_tensors(tensors)
     instance.bind(RouterEnv(handle, tokenizer))
     Routing(handle, instance, chosen)
     return model

@@ -223,10 +223,17 @@ class StackedModel:
         return self.model
 
 
-def attach_experts(model: nn.Module, expert_folders: Sequence[str | Path] | Mapping[str, str | Path]) -> StackedModel:
+def attach_experts(
+    model: nn.Module,
+    expert_folders: Sequence[str | Path] | Mapping[str, str | Path],
+    *,
+    base_fingerprint: str | None = None,
+) -> StackedModel:
     """Replace every linear that any expert adapts with a stacked-expert layer, in place.
 
     Expert order is the order given; names come from the mapping keys, `moerge.json`, or folder names.
+    The experts' recorded bases must agree with each other and with `model`'s fingerprint
+    (`check_same_base`; `base_fingerprint` saves computing it again when the caller has it).
     """
     if isinstance(getattr(model, "moerge_routing", None), StackedModel):
         raise MoergeError("the model already has experts attached: call model.moerge_routing.detach() first")
@@ -237,7 +244,12 @@ def attach_experts(model: nn.Module, expert_folders: Sequence[str | Path] | Mapp
     names = [a.label for a in adapters]
     if len(set(names)) != len(names):
         raise MoergeError(f"expert names must be unique, got {names}")
-    check_same_base(adapters)
+    if base_fingerprint is None:
+        from moerge.models import fingerprint
+
+        base_fingerprint = fingerprint(model)
+    base_name = getattr(getattr(model, "config", None), "_name_or_path", "") or "the base model"
+    check_same_base(adapters, base_fingerprint, base_name=f"the base model {base_name}")
     targets = {module: name for a in adapters for module, name in a.check_against(model).items()}
     layers: dict[str, StackedLoRALinear] = {}
     for module in sorted(targets):

@@ -1,7 +1,9 @@
 """Resumable training state, stored as safetensors + JSON only (nothing is pickled).
 
 A checkpoint is a folder written to a temp name and renamed, so a `kill -9` mid-write leaves the
-previous checkpoint intact.
+previous checkpoint intact. A write that fails (a full disk, say) removes the temp folder, keeps the
+previous checkpoint and is one MoergeError naming the checkpoint; a temp folder a killed run left
+behind is removed by the next checkpoint write.
 """
 
 from __future__ import annotations
@@ -45,19 +47,24 @@ def checkpoint_dir_for(out: Path) -> Path:
 
 
 def save_checkpoint(workdir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
-    from safetensors.torch import save_file
+    from safetensors import SafetensorError
 
     final = workdir / "checkpoint"
     tmp = workdir / "checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / PARAMS))
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(tmp / OPTIM_TENSORS))
-    write_json_atomic(tmp / OPTIM_META, meta)
-    write_json_atomic(tmp / STATE, asdict(state))
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed run's half-written one
+    try:
+        _write_checkpoint(tmp, model, optimizer, state)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, SafetensorError)):
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise MoergeError(
+                f"{final}: could not write the checkpoint ({reason}); the previous checkpoint is kept"
+            ) from None
+        raise
     old = workdir / "checkpoint.old"
+    if not final.exists() and (old / STATE).is_file():
+        os.replace(old, final)  # a run killed between the two renames below: its last checkpoint is `old`
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
@@ -65,18 +72,30 @@ def save_checkpoint(workdir: Path, model: nn.Module, optimizer: torch.optim.Opti
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_checkpoint(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
+    from safetensors.torch import save_file
+
+    tmp.mkdir(parents=True)
+    trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / PARAMS))
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(tmp / OPTIM_TENSORS))
+    write_json_atomic(tmp / OPTIM_META, meta)
+    write_json_atomic(tmp / STATE, asdict(state))
+
+
 def load_checkpoint(workdir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config_hash: str) -> TrainState:
-    """Restore weights and optimizer; refuse a checkpoint made with other settings."""
-    from safetensors.torch import load_file
+    """Restore weights and optimizer; refuse a checkpoint made with other settings, or a damaged one."""
+    from moerge.models.loading import read_safetensors
 
     folder = workdir / "checkpoint"
     if not (folder / STATE).is_file() and (workdir / "checkpoint.old" / STATE).is_file():
         folder = workdir / "checkpoint.old"  # killed between the two renames
     try:
         state = TrainState(**json.loads((folder / STATE).read_text()))
-        params = load_file(str(folder / PARAMS))
+        params = read_safetensors(folder / PARAMS)
         optim = _unflatten_optimizer(
-            load_file(str(folder / OPTIM_TENSORS)), json.loads((folder / OPTIM_META).read_text())
+            read_safetensors(folder / OPTIM_TENSORS), json.loads((folder / OPTIM_META).read_text())
         )
     except (OSError, ValueError, TypeError) as exc:
         raise MoergeError(f"{folder}: checkpoint unreadable ({exc}); rerun without --resume to restart") from None

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from moerge.data.prompts import collate
 from moerge.errors import MoergeError
 from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo, write_expert_meta
+from moerge.models.loading import check_finite
 from moerge.paths import atomic_directory
 from moerge.progress import progress_bar
 from moerge.train.checkpoint import TrainState, checkpoint_dir_for, has_checkpoint, load_checkpoint, save_checkpoint
@@ -44,16 +45,18 @@ class Start:
 
 
 def load_start(start: Start, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Build the starting model: the base, each merged adapter folded in, the continued adapter trainable."""
-    from peft import PeftModel
+    """Build the starting model: the base, each merged adapter folded in, the continued adapter trainable.
 
+    Adapters go through the one adapter reader (`attach_adapter`: safetensors only, hashes, finite
+    values, shapes against the model), so a pickled or damaged folder is refused, never loaded."""
+    from moerge.library.loading import attach_adapter
     from moerge.models import load_base
 
     model, tokenizer = load_base(start.base, device=device)
     for folder in start.merged:
-        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+        model = attach_adapter(model, folder).merge_and_unload()
     if start.adapter:
-        model = PeftModel.from_pretrained(model, start.adapter, is_trainable=True)
+        model = attach_adapter(model, start.adapter, trainable=True)
     return model, tokenizer
 
 
@@ -106,6 +109,8 @@ def fit(
         raise MoergeError(f"method {cfg.method!r} trains full weights: it cannot continue an adapter; use start: merge")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_start(start, device)
+    if not start.adapter:
+        method.check(model, cfg)  # e.g. unknown target modules, a rank above a layer's size: before any file
     base_info = base_info or BaseInfo(name_or_path=start.base, fingerprint=fingerprint(model))
     data = text_data(cfg, tokenizer) if cfg.type == "pretrain" else task_data(tasks, tokenizer, cfg)
     workdir = checkpoint_dir_for(out)
@@ -167,6 +172,8 @@ def fit(
             "resumed_from_step": resumed_from,
         },
     )
+    trained = [(name, p.detach()) for name, p in model.named_parameters() if p.requires_grad]
+    check_finite(trained, out, "training diverged, nothing was written (try a lower --lr)")
     with atomic_directory(out, overwrite=overwrite) as tmp:
         if start.adapter:
             model.save_pretrained(tmp)

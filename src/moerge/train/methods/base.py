@@ -68,6 +68,10 @@ class TrainingMethod:
         """How many training batches `prepare` sees (data-driven initialisations want some)."""
         return 0
 
+    def check(self, model: nn.Module, cfg: TrainConfig) -> None:
+        """Refuse settings that do not fit `model` (one MoergeError naming the option), before any data
+        is prepared or any file written. Default: nothing to check."""
+
     def prepare(self, model: nn.Module, cfg: TrainConfig, workdir: Path, data: InitData) -> nn.Module:
         """Return the model to train.
 

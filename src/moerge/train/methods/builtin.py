@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from moerge.errors import MoergeError
 from moerge.library.adapter import ADAPTER_CONFIG
 from moerge.train.methods.base import InitData, LoraOptions, TargetOptions, TrainingMethod, register
 
@@ -33,6 +34,12 @@ class PeftMethod(TrainingMethod):
         self.default_lr = default_lr
         self.options = options
 
+    def check(self, model: nn.Module, cfg: TrainConfig) -> None:
+        """Every target module name matches a module of the base (as peft matches them: the full name or
+        its last parts), and a LoRA rank fits every targeted linear layer (r ≤ min(out, in))."""
+        config = self.make_config(cfg)
+        check_targets(model, config.target_modules, getattr(config, "r", None))
+
     def prepare(self, model: nn.Module, cfg: TrainConfig, workdir: Path, data: InitData) -> nn.Module:
         from peft import get_peft_model
 
@@ -40,6 +47,34 @@ class PeftMethod(TrainingMethod):
 
     def save(self, model: nn.Module, out: Path, workdir: Path) -> None:
         model.save_pretrained(out)
+
+
+def check_targets(model: nn.Module, targets: Any, rank: int | None) -> None:
+    """Refuse a target module name that matches nothing in `model`, and a `rank` larger than a targeted
+    linear layer's smaller dimension (the update B·A could not use it)."""
+    from torch import nn
+
+    if not targets or isinstance(targets, str):  # a regex, or peft's "all-linear": peft checks those itself
+        return
+    names = [name for name, _ in model.named_modules()]
+    linear = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    for target in sorted(targets):
+        matched = [name for name in names if name == target or name.endswith(f".{target}")]
+        if not matched:
+            kinds = sorted({name.rsplit(".", 1)[-1] for name in linear if "lm_head" not in name})
+            raise MoergeError(
+                f"target_modules: {target!r} matches no module of the base model"
+                f" (its linear layers: {', '.join(kinds)})"
+            )
+        if rank is None:
+            continue
+        for name in matched:
+            layer = linear.get(name)
+            if layer is not None and rank > min(layer.in_features, layer.out_features):
+                raise MoergeError(
+                    f"rank: {rank} is larger than layer {name} allows ({layer.out_features}×{layer.in_features}:"
+                    f" at most {min(layer.in_features, layer.out_features)})"
+                )
 
 
 def _lora(cfg: TrainConfig, **extra: Any) -> PeftConfig:
