@@ -5,14 +5,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 
 from moerge.errors import MoergeError
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _split_commas(value: Any) -> Any:
+    return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+
+CommaList = Annotated[list[str], BeforeValidator(_split_commas)]
+"""A list of names that a command line may give as one comma-separated string (`q_proj,v_proj`)."""
 
 
 @dataclass(frozen=True)

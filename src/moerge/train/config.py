@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
 from moerge.train.methods import METHODS, get_method
 from moerge.train.methods.base import DEFAULT_TARGETS, NoOptions
-from moerge.yamlconf import Source, an_option_of, read_yaml, validate
+from moerge.yamlconf import CommaList, Source, an_option_of, read_yaml, validate
 
 # Settings every fingerprint has hashed, default or not, since the first release. Any other setting,
 # including the ones added since and every future one, enters the hash only when it differs from its
@@ -61,7 +61,7 @@ class TrainConfig(BaseModel):
     eval_split: str | None = Field("test", description="split scored after training (none: skip)")
     eval_limit: int | None = Field(None, ge=1, description="score at most this many examples")
     # Multi-task mixing.
-    tasks: list[str] | None = Field(None, description="several task specs trained together (instead of `task`)")
+    tasks: CommaList | None = Field(None, description="several task specs trained together (instead of `task`)")
     mixing: Literal["concat", "proportional", "temperature", "weights"] = Field(
         "concat",
         description="concat: shuffle all examples together; proportional: sample tasks by size; "
@@ -74,7 +74,7 @@ class TrainConfig(BaseModel):
     type: Literal["finetune", "pretrain", "self_train"] = Field(
         "finetune", description="finetune on a task; pretrain: LM loss on raw `text`; self_train: pseudo labels"
     )
-    text: list[str] | None = Field(None, description="raw text files (.txt, or .jsonl with a `text` field)")
+    text: CommaList | None = Field(None, description="raw text files (.txt, or .jsonl with a `text` field)")
     start: Literal["continue", "merge"] = Field(
         "continue",
         description="how a stage starts from the previous one: keep training its adapter, or merge it first",
@@ -96,11 +96,6 @@ class TrainConfig(BaseModel):
         if isinstance(raw["method"], str):  # else the `method` field reports its own type error
             raw["method_options"] = get_method(raw["method"]).options.model_validate(given)
         return raw
-
-    @field_validator("tasks", "text", mode="before")
-    @classmethod
-    def _split_lists(cls, value: Any) -> Any:
-        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _data_matches_type(self) -> TrainConfig:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from moerge.registry import Registry
+from moerge.yamlconf import CommaList
 
 if TYPE_CHECKING:
     import torch
@@ -30,14 +31,9 @@ class NoOptions(BaseModel):
 class TargetOptions(NoOptions):
     """Methods that attach to chosen linear layers."""
 
-    target_modules: list[str] = Field(
+    target_modules: CommaList = Field(
         default_factory=lambda: list(DEFAULT_TARGETS), description="module names to adapt (comma-separated on the CLI)"
     )
-
-    @field_validator("target_modules", mode="before")
-    @classmethod
-    def _comma_separated(cls, value: Any) -> Any:
-        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
 
 
 class LoraOptions(TargetOptions):

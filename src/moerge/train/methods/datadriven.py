@@ -15,13 +15,14 @@ Residual inits are saved converted to plain rank-2r LoRA against the original ba
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from moerge.errors import MoergeError
 from moerge.train.methods.base import Batch, InitData, LoraOptions, register
 from moerge.train.methods.builtin import PeftMethod, ResidualInitMethod, _lora
+from moerge.yamlconf import CommaList
 
 if TYPE_CHECKING:
     from torch import nn
@@ -40,14 +41,9 @@ class CordaOptions(DataInitOptions):
     corda_mode: Literal["ipm", "kpm"] = Field(
         "ipm", description="ipm (instruction-previewed, fits the task) or kpm (knowledge-preserving)"
     )
-    calibration_text: list[str] | None = Field(
+    calibration_text: CommaList | None = Field(
         None, description="kpm: general text whose activations should be preserved (default: task batches)"
     )
-
-    @field_validator("calibration_text", mode="before")
-    @classmethod
-    def _comma_separated(cls, value: Any) -> Any:
-        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
 
 
 class DataInit:
