@@ -85,6 +85,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from moerge.data import load_task
+    from moerge.data.formats import MOERGE
     from moerge.eval.evaluate import evaluate_task
     from moerge.models import fetch_model, load_base
     from moerge.recipes.train import train_expert
@@ -98,7 +99,7 @@ def main() -> None:
     pool = f"{args.task}{joiner}size={args.pool_size}&seed=1" if "gym:" in args.task else args.task
     model, tok = load_base(base)
     base_probe = probe_loss(model, tok)
-    base_score = evaluate_task(model, tok, load_task(labelled), split="test", progress=False)["accuracy"]
+    base_score = evaluate_task(model, tok, load_task(labelled), fmt=MOERGE, split="test", progress=False)["accuracy"]
     print(json.dumps({"base": {"score": base_score, "probe_loss": round(base_probe, 4)}}), flush=True)
     del model
     common = {

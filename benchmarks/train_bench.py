@@ -54,6 +54,7 @@ def run_plain(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moerge.data import load_task
+    from moerge.data.formats import MOERGE
     from moerge.data.prompts import encode_for_training
     from moerge.models import resolve_base
     from moerge.train.data import batch_order
@@ -64,7 +65,7 @@ def run_plain(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
     examples = load_task(args.task).train
-    encoded = [encode_for_training(tokenizer, ex, args.max_length) for ex in examples]
+    encoded = [encode_for_training(tokenizer, ex, args.max_length, MOERGE) for ex in examples]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.train()

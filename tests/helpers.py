@@ -30,8 +30,13 @@ def make_tokenizer(chat_template: bool = True):
     return fast
 
 
-def make_tiny_base(folder: Path, *, seed: int = 0, layers: int = 2, chat_template: bool = True) -> Path:
-    """Save a ~100k-parameter Llama and its tokenizer into `folder` (a normal HF model folder)."""
+def make_tiny_base(
+    folder: Path, *, seed: int = 0, layers: int = 2, chat_template: bool = True, init_std: float = 0.02
+) -> Path:
+    """Save a ~100k-parameter Llama and its tokenizer into `folder` (a normal HF model folder).
+
+    `init_std` (transformers' initializer_range): at the default the tied embeddings are so small that
+    no adapter can make the logits confident; 0.2 lets a LoRA learn a task in a few dozen steps."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -48,6 +53,7 @@ def make_tiny_base(folder: Path, *, seed: int = 0, layers: int = 2, chat_templat
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=init_std,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -2,8 +2,17 @@
 
 from typing import Any
 
-from moerge._version import __version__
 from moerge.errors import MoergeError
+
+
+def __getattr__(name: str) -> Any:
+    """`moerge.__version__`, read from the installed metadata only when asked (importlib.metadata is slow
+    to import, and every command imports this package before it can catch a Ctrl-C)."""
+    if name == "__version__":
+        from moerge._version import __version__
+
+        return __version__
+    raise AttributeError(f"module 'moerge' has no attribute {name!r}")
 
 
 def load_routed(base: Any, router: Any, **kwargs: Any) -> Any:

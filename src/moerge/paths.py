@@ -187,18 +187,30 @@ def check_replaceable(final: str | Path, *, overwrite: bool, kind: str | None = 
 # ---- telling a live writer's temp folder from a dead one's ----------------------------------------
 
 
-def _open_dir(folder: Path) -> int | None:
+def _open_lockable(path: Path) -> int | None:
+    """A read-only descriptor of the folder or regular file `path`, to take an advisory lock on; None
+    when it is gone or something else (a link to a file, a FIFO: never opened in a way that blocks)."""
     try:
-        return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except NotADirectoryError:
+        pass
     except OSError:
         return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
 
 
 @contextlib.contextmanager
 def hold(folder: str | Path) -> Iterator[None]:
-    """Hold an advisory lock on `folder` while writing into it, so `in_use` tells it from a dead
-    writer's leftover (the kernel drops the lock when the process dies, even by SIGKILL)."""
-    fd = _open_dir(Path(folder))
+    """Hold an advisory lock on `folder` (or a temp file) while writing into it, so `in_use` tells it
+    from a dead writer's leftover (the kernel drops the lock when the process dies, even by SIGKILL)."""
+    fd = _open_lockable(Path(folder))
     try:
         if fd is not None and fcntl is not None:
             with contextlib.suppress(OSError):
@@ -210,8 +222,8 @@ def hold(folder: str | Path) -> Iterator[None]:
 
 
 def in_use(folder: str | Path) -> bool:
-    """Whether some live process `hold`s `folder`. Unknown (no locks here) counts as in use."""
-    fd = _open_dir(Path(folder))
+    """Whether some live process `hold`s `folder` (or file). Unknown (no locks here) counts as in use."""
+    fd = _open_lockable(Path(folder))
     if fd is None:
         return False  # gone already
     try:
@@ -368,13 +380,19 @@ def _refusal(path: Path, what: str, hint: str) -> Exception:
     return _error(f"{path}: is {what}; only regular files are copied{hint}")
 
 
-def copy_regular_tree(src: str | Path, dst: str | Path, *, skip_special: bool = False, hint: str = "") -> list[str]:
+def copy_regular_tree(
+    src: str | Path, dst: str | Path, *, skip_special: bool = False, hint: str = "", into: str | None = None
+) -> list[str]:
     """Copy the folder `src` into `dst` (created, or an existing empty folder), regular files only.
 
     A symbolic link, FIFO, socket or device anywhere below `src` is refused (one MoergeError naming it,
     `hint` appended) or, with `skip_special`, left out; the skipped entries are returned. Files are
     opened without following links and checked to be regular, so nothing outside `src` is copied
     even if the folder changes while it is copied.
+
+    A failure is blamed on the side that failed: a file that cannot be read names that file; a
+    destination that cannot be written (a full disk, a read-only or unwritable folder) names `into`
+    (what the caller calls the destination, such as a library; `dst` by default) and the OS reason.
     """
     src, dst = Path(src), Path(dst)
     skipped: list[str] = []
@@ -395,6 +413,15 @@ def copy_regular_tree(src: str | Path, dst: str | Path, *, skip_special: bool = 
             left_out.add(name)
         return left_out
 
+    def unwritable(exc: OSError, target: str) -> Exception:
+        return _error(f"{into or dst}: could not be written ({exc.strerror or exc} while writing {target})")
+
+    def read(fin: Any, source: str) -> bytes:
+        try:
+            return fin.read(1 << 20)
+        except OSError as exc:
+            raise _error(f"{source}: could not be read ({exc.strerror or exc})") from None
+
     def copy_file(source: str, target: str) -> str:
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
@@ -407,10 +434,14 @@ def copy_regular_tree(src: str | Path, dst: str | Path, *, skip_special: bool = 
             info = os.fstat(fin.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise _refusal(Path(source), _entry_kind(info.st_mode), hint)
-            with open(target, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-            os.chmod(target, stat.S_IMODE(info.st_mode))
-            os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+            try:
+                with open(target, "wb") as fout:
+                    while chunk := read(fin, source):
+                        fout.write(chunk)
+                os.chmod(target, stat.S_IMODE(info.st_mode))
+                os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+            except OSError as exc:
+                raise unwritable(exc, target) from None
         return target
 
     try:
@@ -418,5 +449,20 @@ def copy_regular_tree(src: str | Path, dst: str | Path, *, skip_special: bool = 
     except shutil.Error as exc:  # copytree gathers every file's OSError; report the first one
         failures = exc.args[0] if exc.args and isinstance(exc.args[0], list) else [(src, dst, str(exc))]
         source, _, why = failures[0]
+        failed = _FAILED_PATH.fullmatch(str(why))  # "[Errno 28] No space left on device: '<path>'"
+        if failed and failed.group(2).startswith(str(dst)):  # making or stamping a folder in `dst`
+            reason, path = failed.groups()
+            raise _error(f"{into or dst}: could not be written ({reason} while writing {path})") from None
         raise _error(f"{source}: could not be copied ({why})") from None
+    except OSError as exc:  # a folder that could not be made in `dst`
+        if exc.filename is None or not _path_text(exc.filename).startswith(str(dst)):
+            raise
+        raise unwritable(exc, _path_text(exc.filename)) from None
     return sorted(skipped)
+
+
+_FAILED_PATH = re.compile(r"\[Errno \d+\] (.*?): '(.*)'")
+
+
+def _path_text(path: Any) -> str:
+    return os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)

@@ -65,3 +65,18 @@ def test_bad_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0] == f"error: {path}:2: missing field 'target'"
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_show_renders_examples_in_a_prompt_format(tmp_path: Path, tiny_base: Path) -> None:
+    rows = [{"input": f"q{i}", "target": "B", "choices": ["A", "B"]} for i in range(10)]
+    path = write_jsonl(tmp_path / "mc.jsonl", rows)
+    args = ["data", "show", str(path), "--n", "1", "--base", str(tiny_base)]
+    result = runner.invoke(app, [*args, "--prompt-format", "plain"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "in prompt format 'plain'" in result.output and "prompt (chat template):" in result.output
+    assert "<|im_start|>assistant" in result.output and "Options:" not in result.output
+    assert "* ['B', '<|im_end|>']" in result.output and "  ['A', '<|im_end|>']" in result.output
+    raw = runner.invoke(app, [*args, "--prompt-format", "raw"], env={"COLUMNS": "200"})
+    assert "prompt (no chat template):" in raw.output and "* ['Ġ', 'B']" in raw.output
+    moerge = runner.invoke(app, ["data", "show", str(path), "--n", "1", "--prompt-format", "moerge"])
+    assert "Answer with one of the options." in moerge.output

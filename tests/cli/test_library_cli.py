@@ -63,7 +63,10 @@ def test_full_workflow(tmp_path, adapter, monkeypatch) -> None:
     assert shown == ExpertLibrary(lib).meta("adder").model_dump(mode="json")
 
     assert invoke("export", lib, "adder", tmp_path / "out").exit_code == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in adapter.iterdir())
+    exported = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert exported == sorted([*(p.name for p in adapter.iterdir()), "moerge.json"])
+    assert invoke("export", lib, "adder", tmp_path / "peft", "--peft-only").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == sorted(p.name for p in adapter.iterdir())
 
     assert invoke("verify", lib).exit_code == 0
     (lib / "sorter" / "adapter_config.json").write_text("{}")

@@ -493,11 +493,6 @@ def test_library_add_sigint_after_the_copy_keeps_old_state(launcher, library, ex
     assert verified(launcher, library, tmp_path).returncode == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library._swap undoes the folder rename on an exception after Catalog.upsert committed the new row: "
-    "the catalog then lists the new expert's sha256s over the old folder (library verify: corrupted)",
-)
 def test_library_add_sigterm_mid_swap_old_or_new(launcher, library, experts, tmp_path):
     """Stopped once the new folder is renamed in and its catalog row written: the library must then
     show one consistent state — the catalog's sha256s match the folder on disk."""

@@ -122,9 +122,11 @@ def test_remove_and_export(lib, adapter, tmp_path) -> None:
     (lib.path("e") / "artifacts").mkdir()
     (lib.path("e") / "artifacts" / "x.safetensors").write_bytes(b"derived")
     out = lib.export("e", tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in adapter.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in adapter.iterdir()), "moerge.json"])
     for f in adapter.iterdir():
         assert (out / f.name).read_bytes() == f.read_bytes()
+    peft_only = lib.export("e", tmp_path / "peft-only", peft_only=True)
+    assert sorted(p.name for p in peft_only.iterdir()) == sorted(p.name for p in adapter.iterdir())
     with pytest.raises(MoergeError, match="not an empty folder"):
         lib.export("e", tmp_path / "out")
     lib.remove("e")
@@ -220,3 +222,24 @@ def test_memory_url_library_round_trip(adapter, other_adapter, tmp_path, monkeyp
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     fresh.remove("a")
     assert ExpertLibrary(url).names() == ["b", "c"]
+
+
+def test_prompt_format_survives_add_export_and_a_new_library(lib, adapter, tmp_path) -> None:
+    from moerge.data.formats import MOERGE, PLAIN, PromptFormat
+    from moerge.library.expert import recorded_format
+
+    mine = PromptFormat(name="qa", user="Q: {input}", system="Be brief.")
+    lib.add(make_expert(tmp_path / "src", adapter, name="qa", prompt_format=mine), name="qa")
+    assert lib.meta("qa").prompt_format == mine
+    exported = lib.export("qa", tmp_path / "exported")
+    assert read_expert_meta(exported).prompt_format == mine
+    other = ExpertLibrary.create(tmp_path / "other")
+    other.add(exported, name="qa-copy")
+    assert other.meta("qa-copy").prompt_format == mine
+    # experts written before formats were recorded: moerge's own, or unknown when imported
+    lib.add(make_expert(tmp_path / "old", adapter, name="old"), name="old")
+    assert lib.meta("old").prompt_format is None and recorded_format(lib.meta("old")) == MOERGE
+    lib.add(make_expert(tmp_path / "imp", adapter, name="imp", provenance={"imported_from": "x"}), name="imp")
+    assert recorded_format(lib.meta("imp")) == "unknown"
+    lib.add(make_expert(tmp_path / "plain", adapter, name="plain", prompt_format=PLAIN), name="plain")
+    assert recorded_format(lib.meta("plain")) == PLAIN

@@ -86,7 +86,7 @@ def test_rerun_reuses_cache_and_changed_expert_invalidates(tmp_path, tiny_base, 
     first = run_compare(recipe, out, progress=False)
     calls = []
     real = compare._score_task
-    monkeypatch.setattr(compare, "_score_task", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(compare, "_score_task", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     assert run_compare(recipe, out, progress=False)["rows"] == first["rows"]
     assert calls == []  # everything came from the cache
     # Retrain one expert with other settings: only what depends on it is scored again.
@@ -116,3 +116,32 @@ def test_held_out_tasks_never_train(tmp_path, tiny_base):
 def test_unknown_strategy_is_one_clear_error(tmp_path, tiny_base):
     with pytest.raises(MoergeError, match="unknown strategy 'tiez'"):
         _load(tmp_path, _recipe(tmp_path, tiny_base, ["tiez"]))
+
+
+def test_prompt_formats_train_score_and_mark_mismatches(tmp_path, tiny_base):
+    """Each task's `prompt` trains its expert and scores it; a merge of experts trained in different
+    formats is scored in each task's format and the report marks (†) and explains the mismatch."""
+    from moerge.library import ExpertLibrary
+
+    raw = _recipe(tmp_path, tiny_base, ["base", "oracle", "linear", "arrow"], prompt_format="plain")
+    raw["held_in"][0]["prompt"] = "raw"
+    raw["forgetting"] = {}
+    results = run_compare(_load(tmp_path, raw), tmp_path / "out", progress=False)
+    library = ExpertLibrary(raw["library"])
+    assert library.meta("parity").prompt_format.name == "raw"
+    assert library.meta("colour").prompt_format.name == "plain"
+    rows = {r["strategy"]: r for r in results["rows"]}
+    expected = {"parity": "raw", "colour": "plain", "unseen": "plain"}
+    for strategy in ("base", "oracle"):  # (the oracle has no expert for the held-out task)
+        formats = {task: summary["prompt_format"] for task, summary in rows[strategy]["per_task"].items()}
+        assert formats == {task: expected[task] for task in formats} and len(formats) >= 2, strategy
+        assert not any(t["format_note"] for t in rows[strategy]["per_task"].values())
+    for strategy in ("linear", "arrow"):
+        per_task = rows[strategy]["per_task"]
+        assert per_task["parity"]["prompt_format"] == "raw" and per_task["colour"]["prompt_format"] == "plain"
+        assert "different prompt formats" in per_task["parity"]["format_note"]
+    merged = library.meta(next(n for n in library.names() if n.startswith("merge-linear")))
+    assert merged.prompt_format == "mixed"
+    assert merged.provenance["prompt_formats"] == {"parity": "raw", "colour": "plain"}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "†" in report and "linear on parity: experts were trained with different prompt formats" in report

@@ -111,9 +111,7 @@ def test_interrupted_stage_resumes_and_finished_stage_is_kept(tiny_base, parity,
     monkeypatch.setattr(loop, "lr_factor", real)
     trained = []
     original = stages.fit
-    monkeypatch.setattr(
-        stages, "fit", lambda cfg, out, **kw: trained.append(out.name) or original(cfg, out, **kw)
-    )
+    monkeypatch.setattr(stages, "fit", lambda cfg, out, **kw: trained.append(out.name) or original(cfg, out, **kw))
     meta = train_expert(recipe, tmp_path / "r", resume=True, progress=False)
     assert trained == ["02-stage2"]  # stage 1 finished before the crash: kept, not redone
     assert meta.stages[1]["cost"]["resumed_from_step"] == 2
@@ -194,6 +192,7 @@ def _logprob(model, prompt: list[int], answer: list[int]) -> float:
 def test_pseudo_labels_keep_confident_choices(tiny_base, tmp_path):
     """Confidence = softmax over the choices' answer log-likelihoods; only those >= the threshold stay."""
     from moerge.data import Example, load_task
+    from moerge.data.formats import MOERGE
     from moerge.data.prompts import answer_ids, prompt_ids
     from moerge.models import load_base
     from moerge.train.pseudo import pseudo_label
@@ -204,16 +203,16 @@ def test_pseudo_labels_keep_confident_choices(tiny_base, tmp_path):
     confidences = []
     for ex in pool:
         shown = Example(ex.input, "", ("yes", "no"))  # the pool gets the task's shared choices
-        pairs = [(prompt_ids(tok, shown), answer_ids(tok, shown, c)) for c in ("yes", "no")]
+        pairs = [(prompt_ids(tok, shown, MOERGE), answer_ids(tok, shown, c, MOERGE)) for c in ("yes", "no")]
         confidences.append(float(torch.softmax(torch.tensor([_logprob(model, p, a) for p, a in pairs]), 0).max()))
     threshold = sorted(confidences)[6]
-    kept, stats = pseudo_label(model, tok, labelled, pool, confidence=threshold)
+    kept, stats = pseudo_label(model, tok, labelled, pool, confidence=threshold, fmt=MOERGE)
     assert [ex.input for ex in kept] == [ex.input for ex, c in zip(pool, confidences, strict=True) if c >= threshold]
     assert [ex.meta["confidence"] for ex in kept] == pytest.approx([c for c in confidences if c >= threshold], abs=1e-4)
     assert stats["pool"] == 12 and stats["kept"] == len(kept) == 6 and "pseudo_label_accuracy" not in stats
     assert all(ex.choices == ("yes", "no") for ex in kept)  # the task's shared choices were given to the pool
 
-    top, stats = pseudo_label(model, tok, labelled, pool, confidence=0.0, keep_top=0.25)
+    top, stats = pseudo_label(model, tok, labelled, pool, confidence=0.0, keep_top=0.25, fmt=MOERGE)
     most_confident = sorted(range(12), key=lambda i: -confidences[i])[:3]
     assert sorted(ex.input for ex in top) == sorted(pool[i].input for i in most_confident)
     assert stats["kept"] == 3 and stats["keep_top"] == 0.25

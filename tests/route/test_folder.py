@@ -66,3 +66,36 @@ def test_bad_router_folder_and_names(tmp_path, tiny_base, experts):
         read_router_config(tmp_path)
     with pytest.raises(MoergeError, match="unknown"):
         build_router("nope", [experts["alpha"]], tmp_path / "x", base=tiny_base)
+
+
+def test_router_renders_data_in_its_experts_format_and_records_it(tmp_path, tiny_base, experts, expert_data):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from moerge.data.formats import PLAIN, RAW
+    from moerge.library.expert import read_expert_meta, write_expert_meta
+
+    def with_format(name: str, fmt) -> str:
+        folder = tmp_path / f"{name}-{fmt.name}"
+        shutil.copytree(experts[name], folder)
+        write_expert_meta(folder, read_expert_meta(folder).model_copy(update={"prompt_format": fmt}))
+        return str(folder)
+
+    plain = {n: with_format(n, PLAIN) for n in NAMES[:2]}
+    out = build_router("centroid", plain, tmp_path / "plain", base=tiny_base, data=expert_data)
+    config = read_router_config(out)
+    assert config["prompt_format"]["name"] == "plain"
+    assert config["expert_formats"] == dict.fromkeys(NAMES[:2], "plain")
+    assert load_routed(str(tiny_base), out).moerge_routing.prompt_format == PLAIN
+    forced = build_router("centroid", plain, tmp_path / "forced", base=tiny_base, data=expert_data, prompt_format=RAW)
+    assert read_router_config(forced)["prompt_format"]["name"] == "raw"
+    # the format is what the centroids are computed from, not a label
+    centroids = [load_file(str(f / "tensors.safetensors"))["centroids"] for f in (out, forced)]
+    assert not torch.allclose(*centroids)
+
+    mixed = {NAMES[0]: with_format(NAMES[0], RAW), NAMES[1]: plain[NAMES[1]]}
+    out = build_router("centroid", mixed, tmp_path / "mixed", base=tiny_base, data=expert_data)
+    assert read_router_config(out)["prompt_format"]["name"] == "moerge"
+    assert read_router_config(out)["expert_formats"] == {NAMES[0]: "raw", NAMES[1]: "plain"}
+    assert load_routed(str(tiny_base), out).moerge_routing.prompt_format == "mixed"

@@ -8,6 +8,7 @@ from peft import PeftModel
 from route_helpers import EXPERT_SPECS, load_tiny, make_expert, task_examples
 from safetensors.torch import load_file
 
+from moerge.data.formats import MOERGE
 from moerge.errors import MoergeError
 from moerge.route import Routing, attach_experts, get_router, prepare_router, router_names, routing_context
 from moerge.route.embed import encode_prompts
@@ -36,7 +37,7 @@ def _route(routed, expert_data, name, policy=None, **options):
 
 def _mixed_batch(tokenizer):
     examples = [task_examples(n)[i] for i, n in enumerate(NAMES)]
-    return examples, *encode_prompts(tokenizer, examples)
+    return examples, *encode_prompts(tokenizer, examples, MOERGE)
 
 
 def test_oracle_reproduces_each_expert_on_a_mixed_batch(routed, expert_data, tiny_base, experts):
@@ -118,7 +119,7 @@ def test_arrow_token_top_k_skips_missing_experts(routed, expert_data):
 def test_classifier_routes_each_example_of_a_mixed_batch_to_its_expert(routed, expert_data):
     handle, tokenizer = routed
     _route(routed, expert_data, "classifier", iters=100)
-    report = explain_routing(handle.model, tokenizer, {n: expert_data[n] for n in NAMES})
+    report = explain_routing(handle.model, tokenizer, {n: expert_data[n] for n in NAMES}, dict.fromkeys(NAMES, MOERGE))
     assert routing_accuracy(report, {n: n for n in NAMES}) == 1.0
     _examples, ids, mask = _mixed_batch(tokenizer)
     handle.routing.start_recording()
@@ -131,7 +132,7 @@ def test_classifier_routes_each_example_of_a_mixed_batch_to_its_expert(routed, e
 def test_uniform_routing_shares_the_top_expert_evenly(routed, expert_data):
     handle, tokenizer = routed
     _route(routed, expert_data, "uniform")
-    report = explain_routing(handle.model, tokenizer, {n: expert_data[n] for n in NAMES})
+    report = explain_routing(handle.model, tokenizer, {n: expert_data[n] for n in NAMES}, dict.fromkeys(NAMES, MOERGE))
     for row in report.values():
         assert row["top1"] == pytest.approx([1 / len(NAMES)] * len(NAMES))
     assert routing_accuracy(report, {n: n for n in NAMES}) == pytest.approx(1 / len(NAMES))

@@ -129,3 +129,17 @@ def test_a_method_that_is_not_a_name_is_one_line(tmp_path, method):
     with pytest.raises(MoergeError, match=r"train\.yaml:\d+: method: ") as info:
         load_train_config(_write(tmp_path, {"base": "b", "task": "t", "method": method}))
     assert "\n" not in str(info.value)
+
+
+def test_prompt_format_in_the_fingerprint_only_when_not_moerge(tmp_path):
+    base = TrainConfig(base="b", task="t")
+    assert TrainConfig(base="b", task="t", prompt_format="moerge").fingerprint() == base.fingerprint()
+    assert TrainConfig(base="b", task="t", prompt_format="moerge").prompt_format is None
+    plain = TrainConfig(base="b", task="t", prompt_format="plain")
+    assert plain.fingerprint() != base.fingerprint() and plain.format.name == "plain"
+    inline = TrainConfig(base="b", task="t", prompt_format={"name": "plain", "user_choices": "{input}"})
+    assert inline.fingerprint() == plain.fingerprint()
+    path = tmp_path / "train.yaml"
+    path.write_text("base: b\ntask: t\nprompt_format:\n  user: 'Q: {qestion}'\n")
+    with pytest.raises(MoergeError, match=rf"{path}:4: prompt_format: user: unknown placeholder \{{qestion\}}"):
+        load_train_config(path)

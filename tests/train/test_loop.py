@@ -42,13 +42,14 @@ def test_adapter_methods_write_peft_loadable_experts(tiny_base, parity, tmp_path
 def test_pissa_expert_reproduces_trained_model_on_original_base(tiny_base, parity, tmp_path):
     """The converted PiSSA adapter must act on the *unmodified* base like the trained residual model."""
     from moerge.data import load_task
+    from moerge.data.formats import MOERGE
     from moerge.eval.evaluate import evaluate_task
     from moerge.library.loading import load_model
 
     cfg = _cfg(tiny_base, parity, method="pissa", eval_limit=None)
     meta = train_expert(cfg, tmp_path / "p", progress=False)
     model, tok = load_model(tiny_base, tmp_path / "p")
-    again = evaluate_task(model, tok, load_task(parity), split="test", progress=False)
+    again = evaluate_task(model, tok, load_task(parity), fmt=MOERGE, split="test", progress=False)
     assert again["scores"] == meta.metrics["test"]["scores"]
 
 
@@ -79,12 +80,13 @@ def test_loss_goes_down(tiny_base, tmp_path):
 
 def _first_loss(base, task) -> float:
     from moerge.data import load_task
+    from moerge.data.formats import MOERGE
     from moerge.data.prompts import collate, encode_for_training
     from moerge.models import load_base
 
     model, tok = load_base(base)
     examples = load_task(task).train[:16]
-    batch = collate([encode_for_training(tok, ex, 48) for ex in examples], tok.pad_token_id)
+    batch = collate([encode_for_training(tok, ex, 48, MOERGE) for ex in examples], tok.pad_token_id)
     with torch.no_grad():
         return float(model(**batch).loss)
 

@@ -2,7 +2,7 @@
 registries' options models, so the documented options are exactly the accepted ones.
 
 A table lives between `<!-- options:KIND -->` and `<!-- /options:KIND -->` (KIND: train, merge, route,
-strategy); `--check` exits 1 when a table is stale instead of rewriting the file.
+strategy, prompt_format); `--check` exits 1 when a table is stale instead of rewriting the file.
 """
 
 from __future__ import annotations
@@ -45,11 +45,18 @@ def _strategy() -> Entries:
     return ((name, kind.options) for name, kind in STRATEGIES.items())
 
 
+def _prompt_format() -> Entries:
+    from moerge.data.formats import PromptFormat
+
+    return [("a format's fields", PromptFormat)]
+
+
 KINDS: dict[str, tuple[str, Callable[[], Entries]]] = {
     "train": ("training method", _train),
     "merge": ("merge method", _merge),
     "route": ("router", _route),
     "strategy": ("strategy kind", _strategy),
+    "prompt_format": ("prompt format", _prompt_format),
 }
 
 

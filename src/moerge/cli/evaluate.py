@@ -9,12 +9,20 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 
+from moerge.cli.help import PROMPT_FORMAT_HELP, prompt_format_option
 from moerge.errors import MoergeError
 
 if TYPE_CHECKING:
+    from moerge.data.formats import PromptFormat
     from moerge.recipes.strategies import Loaded
 
 console = Console()
+errors = Console(stderr=True)
+
+
+def warn(message: str) -> None:
+    """One line on stderr: what the user should know about a result (never markup)."""
+    errors.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
 def at_least(minimum: int, **flags: int | None) -> None:
@@ -50,17 +58,26 @@ def eval_command(
     task_limit: int | None = typer.Option(None, "--task-limit", help="cap the task's examples before splitting"),
     seed: int = typer.Option(0, "--seed", help="seed of the task's splits (use the training seed)"),
     batch_size: int = typer.Option(16, "--batch-size", help="sequences per forward pass"),
+    prompt_format: str | None = typer.Option(
+        None, "--prompt-format", help=f"{PROMPT_FORMAT_HELP} (default: the one the expert was trained with)"
+    ),
     json_out: bool = typer.Option(False, "--json", help="print metrics as JSON"),
 ) -> None:
-    """Score a model on a task split: rank classification for multiple choice, else generation."""
+    """Score a model on a task split: rank classification for multiple choice, else generation.
+
+    Examples are rendered in the prompt format the expert (or the router's experts) was trained with,
+    as recorded in its moerge.json; --prompt-format overrides it (a warning says when they differ).
+    """
     from moerge.data.loaders import load_task
     from moerge.eval import evaluate_task
 
     at_least(1, limit=limit, task_limit=task_limit, batch_size=batch_size)
+    override = prompt_format_option(prompt_format)
     loaded_task = load_task(task, seed=seed, limit=task_limit)
     loaded = _load(base, adapter, router)
+    fmt = _scoring_format(loaded, override)
     metrics = evaluate_task(
-        loaded.model, loaded.tokenizer, loaded_task, split=split, limit=limit, batch_size=batch_size
+        loaded.model, loaded.tokenizer, loaded_task, fmt=fmt, split=split, limit=limit, batch_size=batch_size
     )
     metrics.pop("scores")
     metrics.update(task=loaded_task.name, split=split, adapter=str(adapter) if adapter else None)
@@ -69,8 +86,18 @@ def eval_command(
     else:
         console.print(
             f"{loaded_task.name} \\[{split}]: accuracy {metrics['accuracy']:.3f} on {metrics['n']} examples "
-            f"({metrics['mode']})"
+            f"({metrics['mode']}, prompt format {fmt.name})"
         )
+
+
+def _scoring_format(loaded: Loaded, override: PromptFormat | None) -> PromptFormat:
+    """The format to render prompts in; says once, on stderr, when it is not the model's own."""
+    from moerge.data.formats import scoring_format
+
+    fmt, note = scoring_format(loaded.prompt_format, None, override)
+    if note:
+        warn(note)
+    return fmt
 
 
 def generate_command(
@@ -79,15 +106,25 @@ def generate_command(
     adapter: Path | None = typer.Option(None, "--adapter", help="expert folder"),
     router: Path | None = typer.Option(None, "--router", help="router folder"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="length limit of the answer"),
+    prompt_format: str | None = typer.Option(
+        None, "--prompt-format", help=f"{PROMPT_FORMAT_HELP} (default: the one the expert was trained with)"
+    ),
 ) -> None:
     """Answer one prompt greedily with the base model, an expert, or a router."""
     from moerge.data.task import Example
     from moerge.eval.evaluate import generate_answers
 
     at_least(1, max_new_tokens=max_new_tokens)
+    override = prompt_format_option(prompt_format)
     loaded = _load(base, adapter, router)
     example = Example(input=prompt, target="")
     answers = generate_answers(
-        loaded.model, loaded.tokenizer, [example], batch_size=1, max_new_tokens=max_new_tokens, progress=False
+        loaded.model,
+        loaded.tokenizer,
+        [example],
+        fmt=_scoring_format(loaded, override),
+        batch_size=1,
+        max_new_tokens=max_new_tokens,
+        progress=False,
     )
     print(answers[0])

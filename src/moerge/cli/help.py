@@ -13,6 +13,15 @@ from typer.core import TyperCommand
 from moerge.errors import MoergeError
 from moerge.yamlconf import Source
 
+PROMPT_FORMAT_HELP = "prompt format: moerge, plain, raw, or a YAML file of fields (see README, Prompt formats)"
+
+
+def prompt_format_option(value: str | None) -> Any:
+    """`--prompt-format`'s value as a format (None when not given); a bad one is one line."""
+    from moerge.data.formats import load_prompt_format
+
+    return None if value is None else load_prompt_format(value, field="--prompt-format")
+
 
 def default_text(model: type[BaseModel], name: str) -> str | None:
     """The field's default as a user would type it, or None when it is required or empty."""
@@ -22,6 +31,8 @@ def default_text(model: type[BaseModel], name: str) -> str | None:
     default = info.get_default(call_default_factory=True)
     if default is None or default == [] or default == {}:
         return None
+    if isinstance(default, str) and (default != default.strip() or "\n" in default):
+        return json.dumps(default)  # spaces and line breaks shown as a user would write them in YAML
     return ",".join(map(str, default)) if isinstance(default, list) else str(default)
 
 

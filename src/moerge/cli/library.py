@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from moerge.cli.help import PROMPT_FORMAT_HELP, prompt_format_option
 from moerge.progress import output_console
 from moerge.tables import Column, Table, cell
 
@@ -64,30 +65,53 @@ def import_peft(
     task: str = typer.Option(..., "--task", "-t", help="What the adapter was trained on."),
     base: str = typer.Option(..., "--base", "-b", help="Base model (folder or hub id) it was trained on."),
     name: str | None = typer.Option(None, "--name", "-n", help="Name in the library (default: folder name)."),
+    prompt_format: str | None = typer.Option(
+        None,
+        "--prompt-format",
+        help=f"{PROMPT_FORMAT_HELP}, that the adapter was trained with (default: recorded as unknown)",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an expert of the same name."),
 ) -> None:
-    """Add an adapter trained with plain peft; its base is checked and missing metadata marked unknown."""
+    """Add an adapter trained with plain peft; its base is checked and missing metadata marked unknown.
+
+    Say how its training prompts looked with --prompt-format (plain: the chat template around the bare
+    input), so eval, compare and routers ask it the same way; without it the format is recorded as
+    unknown and scoring warns.
+    """
+    from moerge.data.formats import format_name
+
+    fmt = prompt_format_option(prompt_format)
     lib = _open(path)
-    name = lib.import_peft(adapter_dir, task=task, base=base, name=name, overwrite=overwrite)
+    name = lib.import_peft(adapter_dir, task=task, base=base, name=name, prompt_format=fmt, overwrite=overwrite)
     meta = lib.meta(name)
-    console.print(f"imported {name} ({meta.method}, base check: {meta.provenance.get('base_check')})")
+    console.print(
+        f"imported {name} ({meta.method}, prompt format {format_name(meta.prompt_format)}, "
+        f"base check: {meta.provenance.get('base_check')})"
+    )
 
 
 def _metrics_text(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
 
 
-_LIST_COLUMNS = tuple(Column(key, key) for key in ("name", "task", "method", "rank", "base", "metrics", "created"))
+_LIST_COLUMNS = tuple(
+    Column(key, key.replace("_", " "))
+    for key in ("name", "task", "method", "rank", "prompt_format", "base", "metrics", "created")
+)
 
 
 def _table(metas: list[ExpertMeta]) -> Table:
     """`moerge library list`'s table, as the shared table value: names are shown as typed, never read as markup."""
+    from moerge.data.formats import format_name
+    from moerge.library.expert import recorded_format
+
     rows = [
         [
             cell(meta.name),
             cell(meta.task.name),
             cell(meta.method),
             cell(meta.hyperparameters.get("rank")),
+            cell(format_name(recorded_format(meta))),
             cell(f"{meta.base.name_or_path} ({meta.base.fingerprint[:8]})"),
             cell(_metrics_text(meta.metrics)),
             cell(datetime.fromtimestamp(meta.created).strftime("%Y-%m-%d %H:%M")),
@@ -128,10 +152,12 @@ def remove(path: str = PATH, name: str = NAME) -> None:
 def export(
     path: str = PATH,
     name: str = NAME,
-    out: Path = typer.Argument(..., help="New folder for the plain peft files."),
+    out: Path = typer.Argument(..., help="New folder for the expert's files."),
+    peft_only: bool = typer.Option(False, "--peft-only", help="Leave moerge.json out: peft's files alone."),
 ) -> None:
-    """Write an expert as a plain peft folder (loads with PeftModel.from_pretrained)."""
-    dest = _open(path).export(name, out)
+    """Write an expert as a folder that loads with PeftModel.from_pretrained, with its moerge.json (its
+    prompt format, provenance and hashes) so `library add` elsewhere keeps its record."""
+    dest = _open(path).export(name, out, peft_only=peft_only)
     console.print(f"exported {name} to {dest}")
 
 

@@ -9,27 +9,64 @@ and exit status 2; Ctrl-C (SIGINT) is the line `interrupted` and status 130; SIG
 `terminated` and status 143 (128 + 15, what a shell reports for a process SIGTERM ended). Both
 signals are raised as `KeyboardInterrupt` in the running command, so every `finally` and
 `except BaseException` cleanup (the atomic writers remove their temp folders there) runs first.
-Anything else is a bug and keeps its traceback.
+Anything else is a bug and keeps its traceback. A usage error (an unknown option or command, a
+missing argument, a value of the wrong type) is one line too, `error: moerge train: no such option:
+--rnak (try --help)`, with click's usage status 2; `--help` is printed as typer prints it.
+
+Ctrl-C or SIGTERM while this module is still importing (before `run()` takes over) also gives the one
+line and 130 / 143: the handlers below are installed before the heavy imports and put back at the end
+of the module, so importing it elsewhere (tests) changes nothing that lasts.
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import re
-import shutil
 import signal
 import sys
-import threading
-from collections.abc import Callable
-from types import FrameType, TracebackType
-from typing import Any
 
-import typer
-from rich.console import Console
-from rich.text import Text
 
-from moerge.errors import MoergeError
+def _stopped_while_starting(signum: int, frame: object) -> None:
+    """SIGINT/SIGTERM while the CLI is still importing: nothing has been written yet, so no cleanup is
+    owed; the one line and 130 / 143 (SystemExit, so no traceback whatever import it lands in)."""
+    status, word = (143, "terminated") if signum == signal.SIGTERM else (130, "interrupted")
+    sys.stderr.write(f"{word}\n")
+    sys.stderr.flush()
+    raise SystemExit(status)
+
+
+def _catch_early_signals() -> dict[int, object]:
+    """Install `_stopped_while_starting` for the signals still at their defaults (an ignored one stays
+    ignored); returns what to put back."""
+    previous: dict[int, object] = {}
+    try:
+        for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(signum) is default:
+                previous[signum] = signal.signal(signum, _stopped_while_starting)
+    except ValueError:  # imported outside the main thread: signals cannot be handled here
+        pass
+    return previous
+
+
+_early_handlers = _catch_early_signals()
+
+import errno  # noqa: E402  (the imports below come after the early signal handlers on purpose)
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from types import FrameType, TracebackType  # noqa: E402
+from typing import Any  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.text import Text  # noqa: E402
+
+from moerge.errors import MoergeError  # noqa: E402
+
+try:  # typer >= 0.2x ships its own copy of click; older ones use click itself
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - depends on the typer installed
+    from click import exceptions as _click_errors
 
 app = typer.Typer(
     name="moerge",
@@ -58,6 +95,8 @@ def _register() -> None:
 
 
 _register()
+for _signum, _handler in _early_handlers.items():  # imported: from here on `run()` handles the signals
+    signal.signal(_signum, _handler)
 
 # ---- signals -------------------------------------------------------------------------------------------
 
@@ -101,6 +140,10 @@ def _stopped() -> None:
 
 # ---- errors --------------------------------------------------------------------------------------------
 
+_CLICK_ERROR: type[Exception] = getattr(typer, "TyperException", _click_errors.ClickException)
+"""What click/typer raise for an error they explain themselves (typer's TyperException is the base of
+its ClickException; older typers use click's ClickException)."""
+
 _NOT_ENVIRONMENT = {errno.EBADF, errno.EFAULT}
 """OSErrors that say the program is wrong, not the machine: they keep their traceback."""
 _PATH_LOCALS = ("filename", "path", "file", "target", "dest", "dst", "folder", "out")
@@ -113,9 +156,19 @@ def _one_line(text: str) -> str:
     return re.sub(r"\s*\n\s*", " ", text.strip())
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = EXIT_USER_ERROR) -> None:
     err_console.print(Text.assemble(("error:", "red"), " ", _one_line(message)))
-    sys.exit(EXIT_USER_ERROR)
+    sys.exit(status)
+
+
+def _usage_line(exc: Exception) -> str:
+    """A click usage error as one line: `moerge train: no such option: --rnak (try --help)`."""
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "moerge"
+    message = _one_line(exc.format_message()).rstrip(".")
+    if message[:1].isupper() and message[1:2].islower():  # "No such option" -> "no such option"
+        message = message[0].lower() + message[1:]
+    return f"{where}: {message} (try --help)"
 
 
 def _path_text(path: Any) -> str:
@@ -161,23 +214,52 @@ def _os_failure(exc: BaseException) -> tuple[str | None, str] | None:
     return None
 
 
-def run(command: Callable[[], Any] = app) -> None:
-    """Entry point: a user error or OS failure is one red line on stderr and exit status 2, SIGINT and
-    SIGTERM one line and 130 / 143 after the command's cleanup ran; bugs keep their traceback."""
-    import warnings
+def _invoke(command: Callable[..., Any]) -> int:
+    """Run the typer app (or any callable, for tests) and return its exit status.
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    _received.clear()
-    previous = _install_signal_handlers()
-    try:
+    The app runs with click's standalone mode off, so a usage error reaches `run()` as an exception
+    instead of being printed as a panel; `typer.Exit(n)` then comes back as the status n, and typer
+    turns a KeyboardInterrupt into the status 130. Commands return None (a returned int would be taken
+    for a status).
+    """
+    if not isinstance(command, typer.Typer):
         command()
+        return 0
+    status = typer.main.get_command(command).main(standalone_mode=False)
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+def run(command: Callable[..., Any] = app) -> None:
+    """Entry point: a user error, a usage error or an OS failure is one red line on stderr and exit
+    status 2, SIGINT and SIGTERM one line and 130 / 143 after the command's cleanup ran; bugs keep
+    their traceback."""
+    _received.clear()
+    previous = _install_signal_handlers()  # first: the module's early handlers are gone by now
+    try:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        status = _invoke(command)
     except KeyboardInterrupt:
         _stopped()
     except SystemExit as exc:
         if exc.code == 130 or _received:  # typer turns KeyboardInterrupt into exit status 130
             _stopped()
         raise
+    except _click_errors.UsageError as exc:
+        if _received:
+            _stopped()
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `moerge` alone: typer printed the help already
+            if exc.format_message().strip():
+                print(exc.format_message(), file=sys.stderr)
+            sys.exit(exc.exit_code)
+        _fail(_usage_line(exc), exc.exit_code)
+    except (_CLICK_ERROR, typer.Abort) as exc:  # typer.Abort: a prompt that met the end of its input
+        if _received:
+            _stopped()
+        message = exc.format_message() if isinstance(exc, _CLICK_ERROR) else "aborted"
+        _fail(message, getattr(exc, "exit_code", 1))
     except MoergeError as exc:
         if _received:  # the cleanup a signal started failed too: the signal is what the caller sent
             _stopped()
@@ -190,6 +272,11 @@ def run(command: Callable[[], Any] = app) -> None:
             _stopped()
         path, reason = failure
         _fail(f"{path}: {reason}" if path else reason)
+    else:  # outside the handlers above: the SystemExit raised here is final
+        if status == 130 or _received:  # typer returns 130 for a KeyboardInterrupt, after the cleanup ran
+            _stopped()
+        if status:
+            sys.exit(status)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from moerge.cli.help import field_help, key_values, lazy_epilog, option_values
+from moerge.cli.help import PROMPT_FORMAT_HELP, field_help, key_values, lazy_epilog, option_values, prompt_format_option
 from moerge.errors import MoergeError
 from moerge.progress import output_console
 
@@ -70,6 +70,12 @@ def build(
         None, "--option", help="Router option key=value (repeatable; JSON for mappings). Options are listed below."
     ),
     data: list[str] | None = typer.Option(None, "--data", help="expert=task spec for its training data."),
+    prompt_format: str | None = typer.Option(
+        None,
+        "--prompt-format",
+        help=f"{PROMPT_FORMAT_HELP}, that the experts' data is rendered in (default: the experts' own when "
+        "they agree, else moerge)",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing router folder."),
 ) -> None:
     """Prepare a router over experts and write it as a folder (config.json + tensors.safetensors)."""
@@ -77,6 +83,7 @@ def build(
     from moerge.yamlconf import Source
 
     options = get_router(router, field="--router").parse_options(option_values(option), Source("--option"))
+    fmt = prompt_format_option(prompt_format)
     lib = None
     if library is not None:
         from moerge.library import ExpertLibrary
@@ -102,6 +109,7 @@ def build(
             options=options,
             data=key_values(data, "--data"),
             library=lib,
+            prompt_format=fmt,
             overwrite=overwrite,
         )
     console.print(f"router written to {path}")
@@ -114,15 +122,20 @@ def explain(
     split: str = typer.Option("test", help="Which split's prompts to route."),
     limit: int = typer.Option(32, help="Examples per task."),
     layers: bool = typer.Option(False, "--layers", help="Also show the weights per layer."),
+    prompt_format: str | None = typer.Option(
+        None, "--prompt-format", help=f"{PROMPT_FORMAT_HELP} (default: the experts' own when they agree)"
+    ),
 ) -> None:
     """Print, per task, the routing weight each expert received (averaged over tokens and layers)."""
-    from moerge.cli.evaluate import at_least
+    from moerge.cli.evaluate import at_least, warn
     from moerge.data import load_task
+    from moerge.data.formats import scoring_format
     from moerge.models import load_base
     from moerge.route import load_routed, read_router_config
     from moerge.route.explain import explain_routing
 
     at_least(1, limit=limit)
+    override = prompt_format_option(prompt_format)
     config = read_router_config(router)
     model, tokenizer = load_base(base or config.get("base", {}).get("name_or_path", ""))
     model = load_routed(model, router, tokenizer=tokenizer)
@@ -130,7 +143,10 @@ def explain(
     for spec in task:
         loaded = load_task(spec)
         tasks[loaded.name] = loaded.split(split)[:limit]
-    report = explain_routing(model, tokenizer, tasks)
+    fmt, note = scoring_format(model.moerge_routing.prompt_format, None, override)
+    if note:
+        warn(note)
+    report = explain_routing(model, tokenizer, tasks, dict.fromkeys(tasks, fmt))
     experts = [e["name"] for e in config["experts"]]
     table = Table("task", *experts, "top-1 expert", title=f"routing weight ({config['router']})")
     for name, row in report.items():

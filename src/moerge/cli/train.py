@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from moerge.cli.help import field_help, option_values, registry_epilog
+from moerge.cli.help import field_help, option_values, prompt_format_option, registry_epilog
 from moerge.errors import MoergeError
 from moerge.train.config import TrainConfig
 from moerge.train.methods import METHODS
@@ -43,6 +43,7 @@ def train(
     seed: int | None = typer.Option(None, "--seed", help=field_help(TrainConfig, "seed")),
     limit: int | None = typer.Option(None, "--limit", help=field_help(TrainConfig, "limit")),
     eval_limit: int | None = typer.Option(None, "--eval-limit", help=field_help(TrainConfig, "eval_limit")),
+    prompt_format: str | None = typer.Option(None, "--prompt-format", help=field_help(TrainConfig, "prompt_format")),
     checkpoint_every: int | None = typer.Option(
         None, "--checkpoint-every", help=field_help(TrainConfig, "checkpoint_every")
     ),
@@ -70,6 +71,7 @@ def train(
         "seed": seed,
         "limit": limit,
         "eval_limit": eval_limit,
+        "prompt_format": prompt_format_option(prompt_format),
         "checkpoint_every": checkpoint_every,
         **option_values(option),
     }

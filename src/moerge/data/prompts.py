@@ -1,5 +1,6 @@
-"""Turning examples into token ids: the base model's chat template when it has one, and a loss mask
-that covers the answer tokens only."""
+"""Turning examples into token ids in a prompt format (`moerge.data.formats`): the base model's chat
+template when the format uses it and the tokenizer has one, and a loss mask that covers the answer
+tokens only."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from moerge.data.formats import PromptFormat
 from moerge.data.task import Example
 
 if TYPE_CHECKING:
@@ -16,39 +18,52 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 
 
-def user_message(example: Example) -> str:
-    """The question as the user sees it; multiple-choice examples list their options."""
-    if example.choices:
-        options = "\n".join(f"- {c}" for c in example.choices)
-        return f"{example.input}\nOptions:\n{options}\nAnswer with one of the options."
-    return example.input
+def user_message(example: Example, fmt: PromptFormat) -> str:
+    """The question as the user sees it, in `fmt` (multiple-choice templates may list the options)."""
+    return fmt.user_turn(example.input, example.choices)
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
+def uses_chat_template(tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat) -> bool:
+    return fmt.chat and bool(tokenizer.chat_template)
+
+
+def messages(example: Example, fmt: PromptFormat) -> list[dict[str, str]]:
+    """The chat messages of the prompt: the format's system message (if any), then the user turn."""
+    system = fmt.system_message()
+    head = [] if system is None else [{"role": "system", "content": system}]
+    return [*head, {"role": "user", "content": user_message(example, fmt)}]
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example, fmt: PromptFormat) -> list[int]:
     """Token ids of the prompt, ending where the model's answer starts."""
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": user_message(example)}]
-        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    return tokenizer(f"{user_message(example)}\nAnswer:", add_special_tokens=True)["input_ids"]
+    if uses_chat_template(tokenizer, fmt):
+        rendered = tokenizer.apply_chat_template(messages(example, fmt), add_generation_prompt=True, tokenize=True)
+        return _ids(rendered)
+    return tokenizer(fmt.prompt_text(user_message(example, fmt)), add_special_tokens=True)["input_ids"]
 
 
-def answer_ids(tokenizer: PreTrainedTokenizerBase, example: Example, answer: str) -> list[int]:
-    """Token ids of `answer` as the model should produce it after the prompt, end token included."""
-    if tokenizer.chat_template:
-        messages = [
-            {"role": "user", "content": user_message(example)},
-            {"role": "assistant", "content": answer},
-        ]
-        full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
-        prefix = prompt_ids(tokenizer, example)
+def answer_ids(
+    tokenizer: PreTrainedTokenizerBase, example: Example, answer: str, fmt: PromptFormat, *, end: bool = True
+) -> list[int]:
+    """Token ids of `answer` as the model should produce it after the prompt; with `end`, the
+    end-of-turn token (chat) or end token after it. Training always ends answers (so generation
+    stops); a scored choice ends when the format says so (`score_end_token`)."""
+    if uses_chat_template(tokenizer, fmt):
+        turns = [*messages(example, fmt), {"role": "assistant", "content": answer}]
+        full = _ids(tokenizer.apply_chat_template(turns, tokenize=True))
+        prefix = prompt_ids(tokenizer, example, fmt)
         if full[: len(prefix)] == prefix:
             tail = full[len(prefix) :]
-            # Keep the answer and the end-of-turn token; drop a trailing newline after it.
-            if tokenizer.eos_token_id in tail:
-                tail = tail[: tail.index(tokenizer.eos_token_id) + 1]
+            if tokenizer.eos_token_id in tail:  # the answer, its end-of-turn token; not the newline after
+                tail = tail[: tail.index(tokenizer.eos_token_id) + (1 if end else 0)]
             return tail
-    ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-    return [*ids, tokenizer.eos_token_id]
+    ids = tokenizer(fmt.delimiter + answer, add_special_tokens=False)["input_ids"]
+    return [*ids, tokenizer.eos_token_id] if end else ids
+
+
+def choice_ids(tokenizer: PreTrainedTokenizerBase, example: Example, choice: str, fmt: PromptFormat) -> list[int]:
+    """The tokens a multiple-choice option is scored on."""
+    return answer_ids(tokenizer, example, choice, fmt, end=fmt.score_end_token)
 
 
 def _ids(rendered: object) -> list[int]:
@@ -64,10 +79,12 @@ class Encoded:
     labels: list[int]
 
 
-def encode_for_training(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> Encoded:
+def encode_for_training(
+    tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int, fmt: PromptFormat
+) -> Encoded:
     """Prompt + answer with labels masked on the prompt; long prompts lose their start, not the answer."""
-    prompt = prompt_ids(tokenizer, example)
-    answer = answer_ids(tokenizer, example, example.target)[:max_length]
+    prompt = prompt_ids(tokenizer, example, fmt)
+    answer = answer_ids(tokenizer, example, example.target, fmt)[:max_length]
     prompt = prompt[max(0, len(prompt) + len(answer) - max_length) :]
     return Encoded(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
 

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
-from moerge.data.prompts import answer_ids, pad_batch, prompt_ids
+from moerge.data.formats import PromptFormat
+from moerge.data.prompts import answer_ids, choice_ids, pad_batch, prompt_ids
 from moerge.data.task import Example, Task
 from moerge.progress import progress_bar
 
@@ -23,6 +24,7 @@ def evaluate_task(
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
     *,
+    fmt: PromptFormat,
     split: str = "test",
     limit: int | None = None,
     batch_size: int = 16,
@@ -30,7 +32,8 @@ def evaluate_task(
     progress: bool = True,
     batch_context: BatchContext | None = None,
 ) -> dict[str, Any]:
-    """Accuracy (mean score) on `split`, with the number of examples and how it was scored.
+    """Accuracy (mean score) on `split` with examples rendered in `fmt`, with the number of examples
+    and how it was scored.
 
     `batch_context(n)` wraps every model call on n examples (routers that need task labels use it).
     """
@@ -40,7 +43,7 @@ def evaluate_task(
     show = progress and sys.stderr.isatty()
     if task.is_multiple_choice:
         scores = rank_classify(
-            model, tokenizer, examples, batch_size=batch_size, progress=show, batch_context=batch_context
+            model, tokenizer, examples, fmt=fmt, batch_size=batch_size, progress=show, batch_context=batch_context
         )
         mode = "rank_classification"
     else:
@@ -48,6 +51,7 @@ def evaluate_task(
             model,
             tokenizer,
             examples,
+            fmt=fmt,
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             progress=show,
@@ -55,7 +59,13 @@ def evaluate_task(
         )
         scores = [task.scorer(p, ex) for p, ex in zip(predictions, examples, strict=True)]
         mode = "generation"
-    return {"accuracy": sum(scores) / len(scores), "n": len(scores), "mode": mode, "scores": scores}
+    return {
+        "accuracy": sum(scores) / len(scores),
+        "n": len(scores),
+        "mode": mode,
+        "prompt_format": fmt.name,
+        "scores": scores,
+    }
 
 
 def _context(batch_context: BatchContext | None, n: int) -> AbstractContextManager:
@@ -71,6 +81,7 @@ def choice_logprobs(
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
     *,
+    fmt: PromptFormat,
     batch_size: int = 16,
     progress: bool = False,
     batch_context: BatchContext | None = None,
@@ -88,19 +99,19 @@ def choice_logprobs(
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             with _context(batch_context, len(chunk)):
-                out.extend(_chunk_choice_logprobs(model, tokenizer, chunk))
+                out.extend(_chunk_choice_logprobs(model, tokenizer, chunk, fmt))
             bar.update(job, advance=len(chunk))
     return out
 
 
-def _chunk_choice_logprobs(model, tokenizer, chunk: list[Example]) -> list[list[float]]:
+def _chunk_choice_logprobs(model, tokenizer, chunk: list[Example], fmt: PromptFormat) -> list[list[float]]:
     import torch
     from transformers import DynamicCache
 
     from moerge.models.logits import forward_accepts, forward_at
 
     device = _device(model)
-    ids, mask = pad_batch([prompt_ids(tokenizer, ex) for ex in chunk], tokenizer.pad_token_id)
+    ids, mask = pad_batch([prompt_ids(tokenizer, ex, fmt) for ex in chunk], tokenizer.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()  # filled in place by the prefill, cropped back after each choice
@@ -112,7 +123,7 @@ def _chunk_choice_logprobs(model, tokenizer, chunk: list[Example]) -> list[list[
         )
     first = torch.log_softmax(prefill.logits[:, -1].float(), dim=-1)
     lengths = mask.sum(-1, keepdim=True)
-    choices = [[answer_ids(tokenizer, ex, c) for c in ex.choices or ()] for ex in chunk]
+    choices = [[choice_ids(tokenizer, ex, c, fmt) for c in ex.choices or ()] for ex in chunk]
     scores: list[list[float]] = [[] for _ in chunk]
     for k in range(max(len(c) for c in choices)):
         # Examples with fewer choices repeat their first one here; its score is not kept.
@@ -145,6 +156,7 @@ def rank_classify(
     tokenizer,
     examples: list[Example],
     *,
+    fmt: PromptFormat,
     batch_size: int,
     progress: bool,
     batch_context: BatchContext | None = None,
@@ -152,7 +164,7 @@ def rank_classify(
     """1.0 where the highest-likelihood choice is the target, for each example."""
     result = []
     all_scores = choice_logprobs(
-        model, tokenizer, examples, batch_size=batch_size, progress=progress, batch_context=batch_context
+        model, tokenizer, examples, fmt=fmt, batch_size=batch_size, progress=progress, batch_context=batch_context
     )
     for ex, scores in zip(examples, all_scores, strict=True):
         choices = list(ex.choices or ())
@@ -165,6 +177,7 @@ def generate_answers(
     tokenizer,
     examples: list[Example],
     *,
+    fmt: PromptFormat,
     batch_size: int,
     max_new_tokens: int | None,
     progress: bool,
@@ -174,14 +187,14 @@ def generate_answers(
     import torch
 
     if max_new_tokens is None:
-        longest = max(len(answer_ids(tokenizer, ex, ex.target)) for ex in examples)
+        longest = max(len(answer_ids(tokenizer, ex, ex.target, fmt)) for ex in examples)
         max_new_tokens = min(64, longest + 8)
     device = _device(model)
     answers: list[str] = []
     with progress_bar(enabled=progress) as bar:
         job = bar.add_task("eval", total=len(examples), info="generation")
         for start in range(0, len(examples), batch_size):
-            chunk = [prompt_ids(tokenizer, ex) for ex in examples[start : start + batch_size]]
+            chunk = [prompt_ids(tokenizer, ex, fmt) for ex in examples[start : start + batch_size]]
             ids, mask = pad_batch(chunk, tokenizer.pad_token_id)
             width = ids.shape[1]
             with torch.no_grad(), _context(batch_context, len(chunk)):

@@ -29,8 +29,16 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from moerge.data.formats import UNKNOWN as UNKNOWN_FORMAT
+from moerge.data.formats import Recorded as RecordedFormat
 from moerge.errors import MoergeError
-from moerge.library.expert import METADATA_FILE, ExpertMeta, check_expert_intact, is_expert_folder
+from moerge.library.expert import (
+    METADATA_FILE,
+    ExpertMeta,
+    check_expert_intact,
+    is_expert_folder,
+    recorded_format,
+)
 from moerge.models.loading import SafetensorsFile, check_finite, open_safetensors, safetensors_shapes
 from moerge.models.sources import pickle_refusal
 from moerge.paths import parse_json
@@ -229,6 +237,11 @@ class PeftAdapter:
     def fingerprint(self) -> str:
         """The base model's fingerprint recorded in `moerge.json` ("unknown" without one)."""
         return self.meta.base.fingerprint if self.meta else UNKNOWN
+
+    @property
+    def prompt_format(self) -> RecordedFormat:
+        """The prompt format it was trained with (`unknown` for a plain peft folder)."""
+        return recorded_format(self.meta) if self.meta else UNKNOWN_FORMAT
 
     @property
     def parameter_count(self) -> int:

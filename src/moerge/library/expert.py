@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from moerge._version import __version__
+from moerge.data.formats import MOERGE, UNKNOWN, PromptFormat, Recorded
 from moerge.errors import MoergeError
 from moerge.paths import parse_json, write_json_atomic
 from moerge.yamlconf import validate
@@ -57,9 +58,18 @@ class ExpertMeta(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     cost: dict[str, Any] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)
+    prompt_format: PromptFormat | Literal["unknown", "mixed"] | None = None
     moerge_version: str = "unknown"
     created: float = Field(default_factory=time.time)
     files: dict[str, str] = Field(default_factory=dict)
+
+
+def recorded_format(meta: ExpertMeta) -> Recorded:
+    """The prompt format the expert was trained with. Files written before formats were recorded hold
+    none: moerge trained those in its own format; an imported adapter's is unknown."""
+    if meta.prompt_format is not None:
+        return meta.prompt_format
+    return UNKNOWN if "imported_from" in meta.provenance else MOERGE
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -16,7 +16,8 @@ refused (or, with `skip_links`, left out), so nothing from outside it reaches th
 folder is locked by the add that writes it (created under the library lock), so a temp folder
 nobody holds is the leftover of an add that died, even by SIGKILL: `verify` reports it, and `rebuild`
 and the next writer remove it. Remote libraries cannot lock a folder; there a temp folder older
-than STALE_TMP_SECONDS counts as left over.
+than STALE_TMP_SECONDS counts as left over. Derived artifacts (`<name>/artifacts/*.safetensors`) are
+written the same way through a locked temp file beside them (`*.tmp`), reported and removed alike.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import fsspec
 from filelock import FileLock
 from fsspec.implementations.local import LocalFileSystem
 
+from moerge.data.formats import PromptFormat
 from moerge.errors import MoergeError
 from moerge.library import artifacts
 from moerge.library.catalog import Catalog
@@ -61,6 +63,8 @@ OLD_PREFIX = ".old-"
 PENDING_PREFIX = ".pending-"
 STALE_TMP_SECONDS = 3600.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_ARTIFACT_TMP = re.compile(r".+\.(?:(\d+)-)?[0-9a-f]{8}\.tmp")
+"""An artifact write's temp file: `<kind>.safetensors.<time>-<id>.tmp` (older moerge: no time)."""
 _RESERVED = {MARKER_FILE, CATALOG_FILE}
 
 
@@ -219,7 +223,7 @@ class ExpertLibrary:
         """Copy the regular files below `src` to `dest` (a symlink or special file refuses the copy,
         or is left out with `skip_links`)."""
         if self.local:
-            copy_regular_tree(src, dest, skip_special=skip_links, hint=SKIP_HINT)
+            copy_regular_tree(src, dest, skip_special=skip_links, hint=SKIP_HINT, into=self.url)
             return
         special = {rel for rel, _ in special_entries(src)}
         for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
@@ -257,30 +261,61 @@ class ExpertLibrary:
     def _swap(self, name: str, new_folder: str | None, meta: ExpertMeta | None) -> None:
         """Under the lock: put `new_folder` in place of `name` (or remove it when None), then index it.
 
-        A crash midway leaves the pending marker for `_recover`; an exception puts the old state back.
+        The steps: write the `.pending-<name>` marker, set the old folder aside (`.old-<name>`), rename
+        the new one in, commit its catalog row (or delete the row); then drop the marker and the old
+        folder. Folder and row agree at whatever point this is stopped:
+
+        - an exception (a signal included) anywhere up to and including the catalog commit undoes both
+          halves: `_undo_swap` puts the old folder back by looking at what is on disk (not at how far
+          this got, which a signal between a rename and the next line would misstate), then re-derives
+          the row from that folder, so a row committed just before the exception is replaced too;
+        - once the row is committed the swap is done: a failure while dropping the marker or the old
+          folder leaves only bookkeeping, which `_recover` (re-deriving the row from the folder on disk)
+          and the orphan sweep tidy;
+        - a crash (SIGKILL) or an undo that fails itself leaves the marker for `_recover`, which keeps
+          whichever folder is intact and re-derives the row from it.
         """
         final, old, pending = self._p(name), self._p(OLD_PREFIX + name), self._p(PENDING_PREFIX + name)
+        had_old = self.fs.exists(final)
         self.fs.pipe_file(pending, b"")
-        moved_old = moved_new = False
         try:
-            if self.fs.exists(final):
+            if had_old:
                 self.fs.mv(final, old, recursive=True)
-                moved_old = True
             if new_folder is None:
                 self.catalog.delete(name)
             else:
                 self.fs.mv(new_folder, final, recursive=True)
-                moved_new = True
                 self.catalog.upsert(name, meta)
         except BaseException:
-            if moved_new:
-                self._remove_tree(final)
-            if moved_old:
-                self.fs.mv(old, final, recursive=True)
-            self.fs.rm(pending)
+            with contextlib.suppress(Exception):  # a failing undo leaves the marker for `_recover`
+                self._undo_swap(name, had_old, new_folder)
+                self.fs.rm(pending)
             raise
         self.fs.rm(pending)
         self._remove_tree(old)
+
+    def _undo_swap(self, name: str, had_old: bool, new_folder: str | None) -> None:
+        """Put back the state before an interrupted `_swap`: the old folder (or none) and its row."""
+        final, old = self._p(name), self._p(OLD_PREFIX + name)
+        if self.fs.exists(old):  # the old folder was set aside: whatever is at `final` now is the new one
+            self._remove_tree(final)
+            self.fs.mv(old, final, recursive=True)
+        elif not had_old:
+            self._remove_tree(final)  # nothing was there before: whatever is there now is the new one
+        self._reindex(name)
+
+    def _reindex(self, name: str) -> None:
+        """The catalog row of `name` re-derived from its folder, as `rebuild` does: from its moerge.json,
+        or no row when the folder is missing or holds no readable one."""
+        final = self._p(name)
+        try:
+            meta = self._read_meta(final) if self.fs.exists(final) else None
+        except MoergeError:
+            meta = None
+        if meta is None:
+            self.catalog.delete(name)
+        else:
+            self.catalog.upsert(name, meta.model_copy(update={"name": name}))
 
     def _recover(self) -> None:
         """Under the lock: finish or undo swaps a crash interrupted, and drop orphaned old folders."""
@@ -291,40 +326,60 @@ class ExpertLibrary:
                 self._remove_tree(final)  # a half-moved new folder (non-atomic stores): keep the old one
             if not self.fs.exists(final) and self.fs.exists(old):
                 self.fs.mv(old, final, recursive=True)
-            if self.fs.exists(final):
-                self.catalog.upsert(name, self._read_meta(final).model_copy(update={"name": name}))
-            else:
-                self.catalog.delete(name)
+            self._reindex(name)
             self.fs.rm(self._p(marker))
         for orphan in self._entries(OLD_PREFIX):
             self._remove_tree(self._p(orphan))
 
+    def _dead(self, path: str, started: str) -> bool:
+        """Whether the temp folder or file at `path` is a dead writer's: nobody holds its lock (local),
+        or, where nothing can be locked, it was started (`started`, the time in its name) more than
+        STALE_TMP_SECONDS ago."""
+        if self.local and CAN_LOCK:
+            return not in_use(path)
+        try:
+            return time.time() - float(started) > STALE_TMP_SECONDS
+        except ValueError:
+            return True
+
     def _stale_temps(self) -> list[str]:
-        """Temp folders of adds that died: nobody holds their lock (local), or, where folders cannot be
-        locked, they were started more than STALE_TMP_SECONDS ago (their name starts with that time)."""
-        now, stale = time.time(), []
-        for entry in self._entries(TMP_PREFIX):
-            if self.local and CAN_LOCK:
-                dead = not in_use(self._p(entry))
-            else:
-                try:
-                    started = float(entry[len(TMP_PREFIX) :].split("-", 1)[0])
-                except ValueError:
-                    started = 0.0
-                dead = now - started > STALE_TMP_SECONDS
-            if dead:
-                stale.append(entry)
-        return stale
+        """Temp folders of adds that died (their name starts with the time they were started)."""
+        return [
+            entry
+            for entry in self._entries(TMP_PREFIX)
+            if self._dead(self._p(entry), entry[len(TMP_PREFIX) :].split("-", 1)[0])
+        ]
 
     def _remove_stale_temps(self) -> None:
         """Under the lock: remove the temp folders of adds that died."""
         for entry in self._stale_temps():
             self._remove_tree(self._p(entry))
 
+    def _stale_artifact_temps(self, names: list[str] | None = None) -> list[str]:
+        """Temp files of artifact writes that died (`<expert>/artifacts/<kind>.safetensors.<time>-<id>.tmp`,
+        see `save_artifact`), as paths relative to the library root; of every expert folder, or `names`."""
+        stale = []
+        for name in self._folders() if names is None else names:
+            folder = self._p(name, ARTIFACTS_DIR)
+            if not self.fs.isdir(folder):
+                continue
+            for entry in sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False)):
+                match = _ARTIFACT_TMP.fullmatch(entry)
+                if match and self._dead(posixpath.join(folder, entry), match.group(1) or ""):
+                    stale.append(posixpath.join(name, ARTIFACTS_DIR, entry))
+        return stale
+
+    def _remove_stale_artifact_temps(self, names: list[str] | None = None) -> None:
+        """Under the lock: remove the temp files of artifact writes that died."""
+        for rel in self._stale_artifact_temps(names):
+            self._remove_tree(self._p(rel))
+
     def _leftovers(self) -> list[str]:
-        """What writers that died left in the library: stale temp copies, set-aside old folders and
-        unfinished swap markers (the last two only outside a swap, i.e. under the lock)."""
-        return sorted(self._stale_temps() + self._entries(OLD_PREFIX) + self._entries(PENDING_PREFIX))
+        """What writers that died left in the library: stale temp copies, set-aside old folders,
+        unfinished swap markers (the last two only outside a swap, i.e. under the lock) and stale
+        artifact temp files (`<expert>/artifacts/*.tmp`)."""
+        found = self._stale_temps() + self._entries(OLD_PREFIX) + self._entries(PENDING_PREFIX)
+        return sorted(found + self._stale_artifact_temps())
 
     # ---- public API --------------------------------------------------------------------------------
 
@@ -423,15 +478,17 @@ class ExpertLibrary:
         task: str,
         base: str,
         name: str | None = None,
+        prompt_format: PromptFormat | None = None,
         overwrite: bool = False,
     ) -> str:
-        """Add a plain peft adapter (no moerge.json): metadata from its config, the base checked."""
+        """Add a plain peft adapter (no moerge.json): metadata from its config, the base checked, the
+        prompt format it was trained with recorded (`unknown` when not given)."""
         from moerge.library.expert import write_expert_meta
         from moerge.library.peft_import import peft_meta, stage_peft_files
 
         adapter_dir = Path(adapter_dir)
         name = validate_name(adapter_dir.resolve().name if name is None else name)
-        meta = peft_meta(adapter_dir, task=task, base=base, name=name)
+        meta = peft_meta(adapter_dir, task=task, base=base, name=name, prompt_format=prompt_format)
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / name
             stage_peft_files(adapter_dir, staged)
@@ -447,14 +504,16 @@ class ExpertLibrary:
                 raise MoergeError(f"{self.url}: no expert named {name!r} (see `moerge library list`)")
             self._swap(name, None, None)
 
-    def export(self, name: str, dest: str | Path) -> Path:
-        """Write the expert's payload (peft's files, no moerge.json or artifacts) to a new local folder."""
+    def export(self, name: str, dest: str | Path, *, peft_only: bool = False) -> Path:
+        """Write the expert to a new local folder: its payload (peft's files) and `moerge.json`, so the
+        folder loads in peft and `library add` elsewhere keeps its record (prompt format, provenance,
+        hashes); `peft_only` leaves `moerge.json` out. Derived artifacts are never exported."""
         src, meta = self.path(name), self.meta(name)
         dest = Path(dest)
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise MoergeError(f"{dest}: exists and is not an empty folder; choose a new one")
         with atomic_directory(dest, overwrite=True) as tmp:
-            for rel in meta.files:
+            for rel in [*meta.files, *([] if peft_only else [METADATA_FILE])]:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src / rel, tmp / rel)
         return dest
@@ -482,10 +541,12 @@ class ExpertLibrary:
 
     def rebuild(self) -> list[str]:
         """Regenerate the catalog from the folders' moerge.json files (folders without one are skipped),
-        after finishing interrupted swaps and removing what writers that died left behind."""
+        after finishing interrupted swaps and removing what writers that died left behind (temp copies,
+        set-aside folders, artifact temp files)."""
         with self._lock:
             self._recover()
             self._remove_stale_temps()
+            self._remove_stale_artifact_temps()
             entries = []
             for name in self._folders():
                 try:
@@ -505,14 +566,34 @@ class ExpertLibrary:
         return Path(path) if self.local else self.fs.unstrip_protocol(path)
 
     def save_artifact(self, name: str, kind: str, key: dict[str, Any], tensors: dict[str, Any]) -> Path | str:
-        """Store tensors derived from expert `name`, stamped with `key` (and the expert's file hashes)."""
+        """Store tensors derived from expert `name`, stamped with `key` (and the expert's file hashes).
+
+        Written to a temp file beside the target and renamed over it. Locally the temp file is created
+        and locked under the library lock (as `_new_temp` does for folders), so one a writer that died
+        left is told from a live one: `verify` reports it, `rebuild` and the next artifact write of the
+        expert remove it. An error or signal removes the temp file on the way out.
+        """
         digest, key_json = artifacts.key_digest(key, self.meta(name).files)
         data = artifacts.encode(tensors, digest, key_json)
         target = self._p(name, ARTIFACTS_DIR, f"{validate_name(kind, 'artifact kind')}.safetensors")
-        tmp = f"{target}.{uuid.uuid4().hex[:8]}.tmp"
-        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        self.fs.pipe_file(tmp, data)
-        self.fs.mv(tmp, target)
+        tmp = f"{target}.{time.time():.0f}-{uuid.uuid4().hex[:8]}.tmp"
+        with contextlib.ExitStack() as held:
+            try:
+                if self.local:
+                    with self._lock:
+                        self._remove_stale_artifact_temps([name])
+                        os.makedirs(posixpath.dirname(target), exist_ok=True)
+                        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                        held.enter_context(hold(tmp))
+                else:
+                    self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, target)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    if self.fs.exists(tmp):
+                        self.fs.rm(tmp)
+                raise
         return self.artifact_path(name, kind)
 
     def load_artifact(self, name: str, kind: str, key: dict[str, Any]) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from moerge.data.formats import PromptFormat
 from moerge.errors import MoergeError
 from moerge.library.adapter import (
     ADAPTER_CONFIG,
@@ -73,8 +74,11 @@ def check_base(adapter: PeftAdapter, base: str, base_fingerprint: str) -> str:
     return f"fingerprint matches {ADAPTER_CONFIG} base {claimed!r}"
 
 
-def peft_meta(adapter_dir: Path, *, task: str, base: str, name: str) -> ExpertMeta:
-    """The `moerge.json` content for a plain peft adapter: known fields filled, the rest 'unknown'."""
+def peft_meta(
+    adapter_dir: Path, *, task: str, base: str, name: str, prompt_format: PromptFormat | None = None
+) -> ExpertMeta:
+    """The `moerge.json` content for a plain peft adapter: known fields filled, the rest 'unknown'
+    (the prompt format too, unless the caller knows how the adapter was trained)."""
     adapter = open_adapter(adapter_dir, name)
     base_fingerprint = fingerprint(base)
     if isinstance(adapter, LoraAdapter):
@@ -88,6 +92,7 @@ def peft_meta(adapter_dir: Path, *, task: str, base: str, name: str) -> ExpertMe
         base=BaseInfo(name_or_path=base, fingerprint=base_fingerprint),
         hyperparameters=hyperparameters_of(adapter.config),
         cost={"trainable_params": adapter.parameter_count},
+        prompt_format=prompt_format or "unknown",
         provenance={
             "imported_from": str(adapter_dir.resolve()),
             "peft_version": adapter.config.peft_version or UNKNOWN,

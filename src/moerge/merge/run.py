@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from moerge.data.formats import MIXED, combined, format_name
 from moerge.errors import MoergeError
 from moerge.library.adapter import LoraAdapter
 from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo, write_expert_meta
@@ -108,6 +109,9 @@ def merged_meta(
         "reconstruction_error_max": max(errors.values(), default=0.0),
         "reconstruction_error_mean": sum(errors.values()) / len(errors) if errors else 0.0,
     }
+    fmt = combined([e.prompt_format for e in plan.experts])
+    if fmt == MIXED:  # record the disagreement: which source was trained with which format
+        provenance["prompt_formats"] = {e.label: format_name(e.prompt_format) for e in plan.experts}
     return ExpertMeta(
         name=name,
         kind=spec.output.kind,
@@ -116,6 +120,7 @@ def merged_meta(
         base=base,
         hyperparameters=hyper,
         provenance=provenance,
+        prompt_format=fmt,
     )
 
 
@@ -128,6 +133,7 @@ def _source(expert: LoraAdapter, weight: float) -> dict[str, Any]:
         "task": meta.task.name if meta else None,
         "method": meta.method if meta else None,
         "fingerprint": expert.fingerprint,
+        "prompt_format": format_name(expert.prompt_format),
     }
 
 

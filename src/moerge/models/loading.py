@@ -25,31 +25,45 @@ _SAMPLED_TENSORS = 6
 _SAMPLED_VALUES = 4096
 
 
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer alone (with a pad token), for work that renders prompts only."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # moerge shows its own progress; per-file bars are noise
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_base(name_or_path))
+    except OSError as exc:
+        raise _unloadable(name_or_path, exc) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _unloadable(name_or_path: str | Path, exc: OSError) -> MoergeError:
+    return MoergeError(
+        f"could not load base model {name_or_path!r} (not a cached name, a local folder, "
+        f"or a reachable hub id with safetensors weights): {_first_line(exc)}"
+    )
+
+
 def load_base(
     name_or_path: str | Path, *, dtype: str = "float32", device: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a cached name, folder or hub id."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # moerge shows its own progress; per-file bars are noise
-    hf_logging.set_verbosity_error()
     from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
 
+    tokenizer = load_tokenizer(name_or_path)
     where = resolve_base(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), use_safetensors=True)
     except OSError as exc:
-        raise MoergeError(
-            f"could not load base model {name_or_path!r} (not a cached name, a local folder, "
-            f"or a reachable hub id with safetensors weights): {_first_line(exc)}"
-        ) from None
+        raise _unloadable(name_or_path, exc) from None
     except SafetensorError as exc:
         raise MoergeError(f"{where}: a weights file is not a readable safetensors file ({_first_line(exc)})") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if device:
         model.to(device)
     model.eval()

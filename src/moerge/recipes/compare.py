@@ -15,12 +15,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.console import Console
 
+from moerge.data.formats import MIXED, MOERGE, FormatField, PromptFormat, scoring_format
 from moerge.data.task import Task
 from moerge.errors import MoergeError
 from moerge.paths import write_json_atomic
@@ -49,6 +51,9 @@ class CompareConfig(BaseModel):
     library: str = "library"
     method: str = "lora"
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    prompt_format: FormatField | None = Field(
+        None, description="prompt format of every task without its own `prompt` (default: moerge)"
+    )
     held_in: list[TaskEntry] = Field(min_length=1)
     held_out: list[TaskEntry] = Field(default_factory=list)
     forgetting: Forgetting = Field(default_factory=Forgetting)
@@ -94,12 +99,16 @@ class Comparison:
     base_fingerprint: str
     held_in: dict[str, Task]
     held_out: dict[str, Task]
+    formats: dict[str, PromptFormat | None]  # each task's own format (`prompt`, else the recipe's)
+
+    def scoring(self, loaded: Loaded, task: str | None) -> tuple[PromptFormat, str | None]:
+        """The format a strategy is scored in on `task` (None: the forgetting probe), with a note when
+        it is not the one its experts were trained with."""
+        return scoring_format(loaded.prompt_format, self.formats.get(task) if task else self.config.prompt_format)
 
     def cache_path(self, spec: StrategySpec, what: str, depends: dict[str, Any]) -> Path:
-        key = json.dumps(
-            {"v": CACHE_VERSION, "strategy": spec.key_dict(), "base": self.base_fingerprint, "what": what, **depends},
-            sort_keys=True,
-        )
+        fields = {"v": CACHE_VERSION, "strategy": spec.key_dict(), "base": self.base_fingerprint, "what": what}
+        key = json.dumps({**fields, **depends}, sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:20]
         return Path(str(self.workspace.out)) / "cache" / f"{spec.name}.{what.replace('/', '_')}.{digest}.json"
 
@@ -113,6 +122,13 @@ class Comparison:
         if used == "own" and task is not None:
             return {task: hashes.get(task, ""), **spec.content_key()}
         return {**hashes, **spec.content_key()}
+
+    def format_depends(self, *tasks: str | None) -> dict[str, Any]:
+        """The tasks' own prompt formats, for cache keys: empty when all are moerge's, so the scores
+        cached before formats existed stay valid."""
+        given = {str(t): format_key(self.formats.get(t) if t else self.config.prompt_format) for t in tasks}
+        given = {t: f for t, f in given.items() if f is not None and f != format_key(MOERGE)}
+        return {"prompt_formats": given} if given else {}
 
 
 def prepare(config: CompareConfig, out: Path, *, progress: bool = True) -> Comparison:
@@ -128,6 +144,7 @@ def prepare(config: CompareConfig, out: Path, *, progress: bool = True) -> Compa
         library=config.library,
         method=config.method,
         hyperparameters=config.hyperparameters,
+        prompt_format=config.prompt_format,
         tasks=config.held_in,
     )
     console.print(f"[bold]experts[/bold]: {len(config.held_in)} held-in tasks → library {config.library}")
@@ -139,16 +156,41 @@ def prepare(config: CompareConfig, out: Path, *, progress: bool = True) -> Compa
         name = entry.expert_name
         held_in[name] = load_task(entry.task, seed=cfg.seed, limit=cfg.limit)
         experts[name] = Path(library.path(name))
-        hashes[name] = hashlib.sha256(json.dumps(library.meta(name).files, sort_keys=True).encode()).hexdigest()
+        hashes[name] = expert_content_hash(library.meta(name))
     held_out = {entry.expert_name: load_task(entry.task) for entry in config.held_out}
     refuse_leaked_data(held_in, held_out)
+    formats = {e.expert_name: e.prompt or config.prompt_format for e in [*config.held_in, *config.held_out]}
     training = {
         "method": config.method,
         "hyperparameters": config.hyperparameters,
         "tasks": [e.task for e in config.held_in],
+        "prompt_format": multitask_format(library_recipe),
     }
     workspace = Workspace(base, library, experts, hashes, training, out)
-    return Comparison(config, workspace, fingerprint(base), held_in, held_out)
+    return Comparison(config, workspace, fingerprint(base), held_in, held_out, formats)
+
+
+def expert_content_hash(meta: Any) -> str:
+    """What a score of the expert depends on: its files, and its prompt format unless moerge's (so the
+    scores cached before formats were recorded stay valid)."""
+    from moerge.library.expert import recorded_format
+
+    fmt = recorded_format(meta)
+    blob = [meta.files] if fmt == MOERGE else [meta.files, format_key(fmt)]
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def format_key(fmt: Any) -> Any:
+    return fmt.model_dump(mode="json") if isinstance(fmt, PromptFormat) else fmt
+
+
+def multitask_format(recipe: Any) -> PromptFormat | str | None:
+    """The one format a multitask adapter over the held-in tasks is trained in; `mixed` when the
+    tasks' formats differ (the multitask strategy then refuses to train)."""
+    from moerge.recipes.library import entry_config
+
+    formats = [entry_config(recipe, e).prompt_format for e in recipe.tasks]
+    return formats[0] if len({json.dumps(format_key(f)) for f in formats}) == 1 else MIXED
 
 
 def refuse_leaked_data(held_in: dict[str, Task], held_out: dict[str, Task]) -> None:
@@ -211,26 +253,28 @@ def _vm_hwm_mb() -> float | None:
     return None
 
 
-def _score_task(lazy: LazyModel, task: Task, name: str, limit: int | None) -> dict[str, Any]:
+def _score_task(comparison: Comparison, lazy: LazyModel, task: Task, name: str, limit: int | None) -> dict[str, Any]:
     from moerge.eval.evaluate import evaluate_task
     from moerge.route import routing_context
 
     loaded = lazy.get()
+    fmt, note = comparison.scoring(loaded, name)
     with peak_rss_window() as memory:
         started = time.perf_counter()
         result = evaluate_task(
             loaded.model,
             loaded.tokenizer,
             task,
+            fmt=fmt,
             split="test",
             limit=limit,
             batch_context=lambda n: routing_context(task_ids=[name] * n),
         )
         seconds = time.perf_counter() - started
-    return {**result, "seconds": seconds, **memory, **loaded.params}
+    return {**result, "format_note": note, "seconds": seconds, **memory, **loaded.params}
 
 
-def _score_forgetting(lazy: LazyModel, spec: Forgetting) -> dict[str, Any]:
+def _score_forgetting(comparison: Comparison, lazy: LazyModel, spec: Forgetting) -> dict[str, Any]:
     from moerge.data.loaders import load_task
     from moerge.eval.evaluate import evaluate_task
     from moerge.eval.forgetting import probe_texts, text_loss
@@ -241,8 +285,9 @@ def _score_forgetting(lazy: LazyModel, spec: Forgetting) -> dict[str, Any]:
         texts = probe_texts(load_task(spec.probe).test[: spec.limit])
         out["probe_loss"] = text_loss(loaded.model, loaded.tokenizer, texts)
     if spec.task:
-        scores = evaluate_task(loaded.model, loaded.tokenizer, load_task(spec.task), limit=spec.limit)["scores"]
-        out["task_scores"] = scores
+        fmt, _ = comparison.scoring(loaded, None)
+        general = load_task(spec.task)
+        out["task_scores"] = evaluate_task(loaded.model, loaded.tokenizer, general, fmt=fmt, limit=spec.limit)["scores"]
     return out
 
 
@@ -254,7 +299,8 @@ def _explain(lazy: LazyModel, comparison: Comparison) -> dict[str, Any]:
     tasks = {name: task.test[:limit] for name, task in comparison.held_in.items()}
     if getattr(lazy.spec.options, "routes_unseen_tasks", True):
         tasks.update({name: task.test[:limit] for name, task in comparison.held_out.items()})
-    report = explain_routing(loaded.model, loaded.tokenizer, tasks)
+    formats = {name: comparison.scoring(loaded, name)[0] for name in tasks}
+    report = explain_routing(loaded.model, loaded.tokenizer, tasks, formats)
     return {"report": report, "accuracy": routing_accuracy(report, {n: n for n in comparison.held_in})}
 
 
@@ -270,12 +316,14 @@ def evaluate_strategy(comparison: Comparison, spec: StrategySpec) -> dict[str, A
             if kind.per_task and name not in comparison.workspace.experts:
                 continue
             lazy = LazyModel(comparison, spec, name) if kind.per_task else shared
-            depends = {"experts": comparison.experts_key(spec, name), "data": task.data_hash(), "limit": limit}
-            path = comparison.cache_path(spec, f"task/{name}", depends)
-            tasks[name] = {
-                "group": group,
-                **_cached(path, lambda lazy=lazy, task=task, name=name: _score_task(lazy, task, name, limit)),
+            depends = {
+                "experts": comparison.experts_key(spec, name),
+                "data": task.data_hash(),
+                "limit": limit,
+                **comparison.format_depends(name),
             }
+            path = comparison.cache_path(spec, f"task/{name}", depends)
+            tasks[name] = {"group": group, **_cached(path, partial(_score_task, comparison, lazy, task, name, limit))}
             if kind.per_task:
                 forgetting.append(_forgetting_cached(comparison, spec, lazy, name))
     if not kind.per_task:
@@ -286,6 +334,7 @@ def evaluate_strategy(comparison: Comparison, spec: StrategySpec) -> dict[str, A
             "experts": comparison.experts_key(spec),
             "limit": comparison.config.explain_limit,
             "data": sorted(t.data_hash() for t in [*comparison.held_in.values(), *comparison.held_out.values()]),
+            **comparison.format_depends(*comparison.formats),
         }
         routing = _cached(comparison.cache_path(spec, "routing", depends), lambda: _explain(shared, comparison))
     return {"strategy": spec.key_dict(), "tasks": tasks, "forgetting": forgetting, "routing": routing}
@@ -295,9 +344,13 @@ def _forgetting_cached(comparison: Comparison, spec: StrategySpec, lazy: LazyMod
     forgetting = comparison.config.forgetting
     if not (forgetting.probe or forgetting.task):
         return {}
-    depends = {"experts": comparison.experts_key(spec, task), "forgetting": forgetting.model_dump()}
+    depends = {
+        "experts": comparison.experts_key(spec, task),
+        "forgetting": forgetting.model_dump(),
+        **comparison.format_depends(None),
+    }
     path = comparison.cache_path(spec, f"forgetting/{task or 'all'}", depends)
-    return _cached(path, lambda: _score_forgetting(lazy, forgetting))
+    return _cached(path, lambda: _score_forgetting(comparison, lazy, forgetting))
 
 
 def expert_cost(meta: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.console import Console
 
+from moerge.data.formats import FormatField, PromptFormat
 from moerge.errors import MoergeError
 from moerge.library import ExpertLibrary
 from moerge.library.library import validate_name
@@ -44,6 +45,9 @@ class TaskEntry(BaseModel):
     task: str = Field(min_length=1)
     name: str | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
+    prompt: FormatField | None = Field(
+        None, description="the task's prompt format (preset, YAML file or mapping); wins over the recipe's"
+    )
 
     @field_validator("name")
     @classmethod
@@ -69,6 +73,7 @@ class LibraryConfig(BaseModel):
     library: str = Field(min_length=1)
     method: str = "lora"
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    prompt_format: FormatField | None = Field(None, description="prompt format of every task without its own")
     tasks: list[TaskEntry] = Field(min_length=1)
 
     @field_validator("method")
@@ -98,8 +103,18 @@ class LibraryConfig(BaseModel):
         return self
 
     def settings(self, entry: TaskEntry) -> dict[str, Any]:
-        """Shared hyper-parameters with the task's overrides applied."""
-        return {**self.hyperparameters, **entry.overrides}
+        """Shared hyper-parameters with the task's overrides applied; the prompt format from (last
+        wins) the hyper-parameters, the recipe's `prompt_format`, the overrides, the task's `prompt`."""
+        return {
+            **self.hyperparameters,
+            **_format_setting(self.prompt_format),
+            **entry.overrides,
+            **_format_setting(entry.prompt),
+        }
+
+
+def _format_setting(fmt: PromptFormat | None) -> dict[str, Any]:
+    return {} if fmt is None else {"prompt_format": fmt}
 
 
 def load_library_config(path: str | Path) -> LibraryConfig:

@@ -33,6 +33,7 @@ COLUMNS = (
     Column("peak_memory_mb", "peak MB", "right"),
 )
 """The main table's columns, each a key of a summarised row; kind is data only (results.csv)."""
+MISMATCH = "†"
 
 
 def _reference_rows(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -63,6 +64,23 @@ def _group(tasks: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
     }
 
 
+def _per_task(result: dict[str, Any]) -> dict[str, Any]:
+    """A task's summary, with the prompt format it was scored in and the note when that is not the
+    format its experts were trained with."""
+    fields = {key: result.get(key) for key in ("group", "prompt_format", "format_note")}
+    return {**summarise(result["scores"]), **fields}
+
+
+def format_notes(results: dict[str, Any]) -> list[str]:
+    """One line per (strategy, task) scored in a prompt format its experts were not trained with."""
+    return [
+        f"{row['strategy']} on {task}: {summary['format_note']}"
+        for row in results["rows"]
+        for task, summary in row["per_task"].items()
+        if summary.get("format_note")
+    ]
+
+
 def summarise_results(raw: list[dict[str, Any]], *, held_in: list[str], held_out: list[str]) -> dict[str, Any]:
     """One row per strategy: macro means with stratified 95% intervals, forgetting vs base, cost."""
     rows = []
@@ -77,7 +95,7 @@ def summarise_results(raw: list[dict[str, Any]], *, held_in: list[str], held_out
                 "kind": item["strategy"]["kind"],
                 "held_in": _group(tasks, held_in),
                 "held_out": _group(tasks, held_out),
-                "per_task": {name: {**summarise(t["scores"]), "group": t["group"]} for name, t in tasks.items()},
+                "per_task": {name: _per_task(t) for name, t in tasks.items()},
                 "probe_loss": _mean([f.get("probe_loss") for f in forgetting]),
                 "general_acc": _mean(general),
                 "routing_accuracy": item["routing"]["accuracy"] if item.get("routing") else None,
@@ -138,7 +156,10 @@ def _task_column(results: dict[str, Any], task: str) -> Column:
 
 
 def _task_cell(row: dict[str, Any], task: str) -> Cell:
-    return _cell(f"task:{task}", row["per_task"].get(task, {}).get("mean"))
+    """A task's mean accuracy; marked † when scored in a format the experts were not trained with."""
+    summary = row["per_task"].get(task, {})
+    score = _cell(f"task:{task}", summary.get("mean"))
+    return replace(score, text=f"{score.text} {MISMATCH}") if summary.get("format_note") else score
 
 
 def results_table(results: dict[str, Any]) -> Table:
@@ -200,16 +221,18 @@ def experts_table(results: dict[str, Any]) -> Table:
 
 
 class ReportTables(NamedTuple):
-    """Every table of the report, built once so report.md, report.html and results.csv agree."""
+    """Every table of the report, built once so report.md, report.html and results.csv agree, and the
+    prompt-format notes their † marks refer to."""
 
     results: Table
     per_task: Table
     experts: Table
+    format_notes: list[str]
 
 
 def report_tables(results: dict[str, Any]) -> ReportTables:
     """Build each table once for write_reports, which renders it into every file."""
-    return ReportTables(results_table(results), per_task_table(results), experts_table(results))
+    return ReportTables(results_table(results), per_task_table(results), experts_table(results), format_notes(results))
 
 
 # ---- plots ------------------------------------------------------------------------------------------
@@ -303,13 +326,26 @@ NOTES = (
 )
 
 
+def _formats_section(notes: list[str]) -> str:
+    return f"{MISMATCH} scored in a prompt format other than the one its experts were trained with:" if notes else ""
+
+
 def render_markdown(tables: ReportTables, plots: dict[str, bytes]) -> str:
     """report.md: the same sections as report.html, with the plots as files under plots/."""
     images = "\n".join(f"![{name}](plots/{name}.png)" for name in plots)
+    formats = "".join(f"\n- {note}" for note in tables.format_notes)
     return (
         f"# moerge compare\n\n{tables.results.to_markdown()}\n\n{NOTES}\n\n## Per task\n\n"
-        f"{tables.per_task.to_markdown()}\n\n## Experts\n\n{tables.experts.to_markdown()}\n\n## Plots\n\n{images}\n"
+        f"{tables.per_task.to_markdown()}\n\n{_formats_section(tables.format_notes)}{formats}\n\n"
+        f"## Experts\n\n{tables.experts.to_markdown()}\n\n## Plots\n\n{images}\n"
     )
+
+
+def _formats_html(notes: list[str]) -> str:
+    if not notes:
+        return ""
+    items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
+    return f"<p>{html.escape(_formats_section(notes))}</p><ul>{items}</ul>"
 
 
 def render_html(tables: ReportTables, plots: dict[str, bytes]) -> str:
@@ -327,6 +363,7 @@ def render_html(tables: ReportTables, plots: dict[str, bytes]) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>moerge compare</title><style>{style}</style>"
         f"</head><body><h1>moerge compare</h1>{tables.results.to_html('results')}<p>{html.escape(NOTES)}</p>"
-        f"<h2>Per task</h2>{tables.per_task.to_html('per-task')}<h2>Experts</h2>{tables.experts.to_html('experts')}"
+        f"<h2>Per task</h2>{tables.per_task.to_html('per-task')}{_formats_html(tables.format_notes)}"
+        f"<h2>Experts</h2>{tables.experts.to_html('experts')}"
         f"<h2>Plots</h2>{images}</body></html>"
     )

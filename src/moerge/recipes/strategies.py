@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_serializer, model_validator
 from rich.console import Console
 
+from moerge.data.formats import MIXED, Recorded
 from moerge.errors import MoergeError
 from moerge.registry import Registry
 from moerge.yamlconf import Source, an_option_of, first_error
@@ -57,14 +58,16 @@ class Workspace:
 
 @dataclass
 class Loaded:
-    """A strategy ready to score: the model, its tokenizer, the parameters it adds to the base and
-    the share of them one token uses (routers use k of K experts)."""
+    """A strategy ready to score: the model, its tokenizer, the parameters it adds to the base, the
+    share of them one token uses (routers use k of K experts) and the prompt format its experts were
+    trained with (None for the base; see `moerge.data.formats.scoring_format`)."""
 
     model: Any
     tokenizer: Any
     added_params: int = 0
     active_params: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    prompt_format: Recorded | None = None
 
     @property
     def params(self) -> dict[str, int]:
@@ -263,9 +266,10 @@ def _adapter_loaded(ws: Workspace, folder: Path, info: dict[str, Any] | None = N
     from moerge.library.adapter import open_adapter
     from moerge.library.loading import load_model
 
-    size = open_adapter(folder).parameter_count
+    adapter = open_adapter(folder)
+    size = adapter.parameter_count
     model, tokenizer = load_model(ws.base, folder, merge=True)
-    return Loaded(model, tokenizer, size, size, {"folder": str(folder), **(info or {})})
+    return Loaded(model, tokenizer, size, size, {"folder": str(folder), **(info or {})}, adapter.prompt_format)
 
 
 @register_strategy("base", options=NoOptions, experts_used="none")
@@ -279,12 +283,12 @@ def load_base_strategy(spec: StrategySpec, ws: Workspace, task: str | None) -> L
 @register_strategy("expert", options=ExpertOptions)
 def load_expert_strategy(spec: StrategySpec, ws: Workspace, task: str | None) -> Loaded:
     """One expert folder on the base: a moerge expert (adapter or full model) or any peft adapter."""
-    from moerge.library.expert import is_expert_folder, read_expert_meta
+    from moerge.library.expert import is_expert_folder, read_expert_meta, recorded_format
     from moerge.library.loading import load_model
 
     folder = Path(spec.options.path)
-    if is_expert_folder(folder) and read_expert_meta(folder).kind == "full":
-        return Loaded(*load_model(ws.base, folder), info={"folder": str(folder)})
+    if is_expert_folder(folder) and (meta := read_expert_meta(folder)).kind == "full":
+        return Loaded(*load_model(ws.base, folder), info={"folder": str(folder)}, prompt_format=recorded_format(meta))
     return _adapter_loaded(ws, folder)
 
 
@@ -306,6 +310,8 @@ def load_multitask(spec: StrategySpec, ws: Workspace, task: str | None) -> Loade
     tasks = list(ws.training.get("tasks") or [])
     if not tasks or ws.library is None:
         raise MoergeError("multitask: needs a comparison's held-in tasks and library")
+    if ws.training.get("prompt_format") == MIXED:
+        raise MoergeError("multitask: the held-in tasks use different prompt formats; one adapter trains in one")
     hyper = dict(ws.training.get("hyperparameters") or {})
     steps = int(hyper.pop("steps", 100)) * len(tasks)
     hyper.update(spec.options.hyperparameters)
@@ -317,6 +323,7 @@ def load_multitask(spec: StrategySpec, ws: Workspace, task: str | None) -> Loade
         "tasks": tasks,
         "mixing": "proportional",
         "eval_split": None,
+        "prompt_format": ws.training.get("prompt_format"),
     }
     cfg = config_from_dict(raw, source=f"strategy {spec.name!r}")
     name = f"multitask-{cfg.fingerprint()[:8]}"
@@ -359,7 +366,7 @@ def load_router(spec: StrategySpec, ws: Workspace, task: str | None) -> Loaded:
     model, tokenizer = load_base(ws.base)
     model = load_routed(model, folder, tokenizer=tokenizer)
     added, active = model.moerge_routing.routing.parameter_counts()
-    return Loaded(model, tokenizer, added, active, {"folder": str(folder)})
+    return Loaded(model, tokenizer, added, active, {"folder": str(folder)}, model.moerge_routing.prompt_format)
 
 
 def _built_router(spec: StrategySpec, ws: Workspace) -> Path:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from moerge.data.formats import Recorded, combined
 from moerge.data.loaders import load_task
 from moerge.errors import MoergeError
 from moerge.library.expert import (
@@ -289,7 +290,9 @@ class _Runner:
         model, tokenizer = load_start(teacher, device)
         labelled = self.task(cfg, str(cfg.task))
         pool = read_pool(str(cfg.unlabelled), seed=cfg.seed)
-        kept, stats = pseudo_label(model, tokenizer, labelled, pool, confidence=cfg.confidence, keep_top=cfg.keep_top)
+        kept, stats = pseudo_label(
+            model, tokenizer, labelled, pool, confidence=cfg.confidence, keep_top=cfg.keep_top, fmt=cfg.format
+        )
         if not kept:
             raise MoergeError(
                 f"stage {unit.stage}: no pseudo label reached confidence {cfg.confidence} "
@@ -323,10 +326,17 @@ class _Runner:
                 base=self.base_info,
                 hyperparameters={**meta.hyperparameters, "config_hash": self.recipe.fingerprint()},
                 metrics=meta.metrics,
+                prompt_format=_stages_format(self.recipe),
                 cost=_total_cost(trained),
                 stages=self.records,
             )
             return write_expert_meta(tmp, final)
+
+
+def _stages_format(recipe: StagedConfig) -> Recorded | None:
+    """The prompt format of an expert trained in stages: its task stages' (`mixed` if they differ)."""
+    formats: list[Recorded] = [stage.format for stage in recipe.stages if stage.type != "pretrain"]
+    return combined(formats) if formats else None
 
 
 def _record(unit: Unit, meta: ExpertMeta) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moerge.data.formats import PromptFormat
 from moerge.data.prompts import pad_batch, prompt_ids, user_message
 from moerge.data.task import Example
 from moerge.errors import MoergeError
@@ -22,23 +23,26 @@ EMBEDDERS = ("base", "minilm")
 _MINILM: dict[str, Any] = {}
 
 
-def encode_prompts(tokenizer: Any, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    return pad_batch([prompt_ids(tokenizer, ex) for ex in examples], tokenizer.pad_token_id)
+def encode_prompts(tokenizer: Any, examples: Sequence[Example], fmt: PromptFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_batch([prompt_ids(tokenizer, ex, fmt) for ex in examples], tokenizer.pad_token_id)
 
 
 class Embedder:
-    """Embeds prompts given as examples (at build time) or as token ids (at inference)."""
+    """Embeds prompts given as examples in `fmt` (at build time) or as token ids (at inference)."""
 
-    def __init__(self, kind: str, handle: StackedModel, tokenizer: Any, batch_size: int = 16) -> None:
+    def __init__(
+        self, kind: str, handle: StackedModel, tokenizer: Any, fmt: PromptFormat, batch_size: int = 16
+    ) -> None:
         if kind not in EMBEDDERS:
             raise MoergeError(f"embedder {kind!r}: expected one of {', '.join(EMBEDDERS)}")
         self.kind, self.handle, self.tokenizer, self.batch_size = kind, handle, tokenizer, batch_size
+        self.fmt = fmt
 
     def examples(self, examples: Sequence[Example]) -> torch.Tensor:
         if self.kind == "minilm":
-            return _minilm([user_message(ex) for ex in examples], self.batch_size)
+            return _minilm([user_message(ex, self.fmt) for ex in examples], self.batch_size)
         parts = [
-            self.ids(*encode_prompts(self.tokenizer, examples[i : i + self.batch_size]))
+            self.ids(*encode_prompts(self.tokenizer, examples[i : i + self.batch_size], self.fmt))
             for i in range(0, len(examples), self.batch_size)
         ]
         return torch.cat(parts)

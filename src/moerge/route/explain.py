@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from moerge.data.formats import PromptFormat
 from moerge.data.task import Example
 from moerge.errors import MoergeError
 from moerge.route.embed import encode_prompts
@@ -14,14 +15,20 @@ from moerge.route.stacked import routing_context
 
 
 def explain_routing(
-    model: Any, tokenizer: Any, tasks: Mapping[str, Sequence[Example]], *, batch_size: int = 8
+    model: Any,
+    tokenizer: Any,
+    tasks: Mapping[str, Sequence[Example]],
+    formats: Mapping[str, PromptFormat],
+    *,
+    batch_size: int = 8,
 ) -> dict[str, dict[str, Any]]:
     """Per task: `overall` [K] mean weight per expert, `layers` {module: [K]}, `top1` share per expert
     (an example whose top weight is tied, to float noise, between m experts counts 1/m for each, so uniform routing
     reads as chance, 1/K, not as "everything to the first expert").
 
     Weights are averaged over each prompt's non-padding tokens, then over examples (and layers for
-    `overall`). Each prompt is routed with `routing_context(task_ids=[task])`, which the oracle needs.
+    `overall`). Each prompt is rendered in its task's format (`formats`) and routed with
+    `routing_context(task_ids=[task])`, which the oracle needs.
     """
     handle = getattr(model, "moerge_routing", None)
     routing = getattr(handle, "routing", None)
@@ -32,7 +39,7 @@ def explain_routing(
         routing.start_recording()
         for i in range(0, len(examples), batch_size):
             batch = list(examples[i : i + batch_size])
-            ids, mask = encode_prompts(tokenizer, batch)
+            ids, mask = encode_prompts(tokenizer, batch, formats[task])
             with torch.no_grad(), routing_context(task_ids=[task] * len(batch)):
                 model(input_ids=ids, attention_mask=mask)
         layers = {module: torch.cat(rows).mean(0) for module, rows in routing.records.items()}

@@ -2,7 +2,8 @@
 
 <router>/config.json           format, router name, options (those the user set), derived (what the
                                build worked out, e.g. the oracle's task → expert map), policy, experts
-                               (name + folder), base
+                               (name + folder), base, prompt_format (what the build rendered the
+                               experts' data in) and expert_formats (each expert's recorded format)
 <router>/tensors.safetensors   the router's state (prototypes, gates, centroids, ...)
 
 Format 1 folders (written before `derived` existed) kept the build's results inside `options`: the
@@ -17,12 +18,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from moerge.data.formats import PromptFormat, format_name
 from moerge.errors import MoergeError
 from moerge.library.adapter import short_fingerprint
 from moerge.models.loading import check_finite, read_safetensors
 from moerge.paths import ROUTER, atomic_directory, parse_json, write_json_atomic
 from moerge.route.policies import Policy, parse_policy
-from moerge.route.router import OptionsModel, Router, RouterEnv, get_router
+from moerge.route.router import OptionsModel, Router, RouterEnv, build_format, get_router
 from moerge.route.routing import Routing
 from moerge.route.stacked import StackedModel, attach_experts
 from moerge.yamlconf import Source
@@ -48,12 +50,14 @@ def prepare_router(
     options: OptionsArg = None,
     data: Mapping[str, Any] | None = None,
     library: Any = None,
+    prompt_format: PromptFormat | None = None,
 ) -> Router:
     """Instantiate `router` over the handle's experts and build its state. `options`: a mapping
-    (validated by the router's options model) or an instance of that model."""
+    (validated by the router's options model) or an instance of that model. The experts' data is
+    rendered in `prompt_format` (default: `build_format`, the experts' own when they agree)."""
     cls = get_router(router)
     instance = cls(handle.expert_names, cls.parse_options(options))
-    env = RouterEnv(handle, tokenizer, dict(data or {}), library)
+    env = RouterEnv(handle, tokenizer, dict(data or {}), library, prompt_format or build_format(handle))
     instance.build(env)
     instance.bind(env)
     return instance
@@ -85,6 +89,7 @@ def build_router(
     options: OptionsArg = None,
     data: Mapping[str, Any] | None = None,
     library: Any = None,
+    prompt_format: PromptFormat | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Build a router over expert folders on `base` (name/path or model) and write the router folder.
@@ -99,7 +104,15 @@ def build_router(
     fingerprint = _fingerprint(model)
     handle = attach_experts(model, experts, base_fingerprint=fingerprint)
     try:
-        instance = prepare_router(handle, router, tokenizer=tokenizer, options=options, data=data, library=library)
+        instance = prepare_router(
+            handle,
+            router,
+            tokenizer=tokenizer,
+            options=options,
+            data=data,
+            library=library,
+            prompt_format=prompt_format,
+        )
         check_finite(instance.tensors(), out, f"the {router} router's state is unusable, nothing was written")
         save_router(out, instance, chosen, handle, {"name_or_path": base_name, "fingerprint": fingerprint}, overwrite)
     finally:
@@ -125,6 +138,8 @@ def save_router(
         "policy": policy.to_dict(),
         "experts": [{"name": e.name, "path": str(e.folder.resolve())} for e in handle.experts],
         "base": base,
+        "prompt_format": router.env.prompt_format.model_dump(mode="json") if router.env else None,
+        "expert_formats": {e.name: format_name(e.prompt_format) for e in handle.experts},
     }
     # the shared rule: --overwrite replaces a router folder only (never an expert, a file or a user's folder)
     with atomic_directory(Path(out), overwrite=overwrite, kind=ROUTER) as tmp:

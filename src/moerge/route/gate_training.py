@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from moerge.data.formats import PromptFormat
 from moerge.data.prompts import collate, encode_for_training
 from moerge.data.task import Example
 from moerge.models.logits import answer_loss
@@ -17,14 +18,14 @@ from moerge.route.stacked import WeightFn
 
 
 def training_batches(
-    tokenizer: object, examples: Sequence[Example], *, batch_size: int, max_length: int, seed: int
+    tokenizer: object, examples: Sequence[Example], fmt: PromptFormat, *, batch_size: int, max_length: int, seed: int
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask, labels) batches, right-padded, loss on the answer tokens only."""
+    """(input_ids, attention_mask, labels) batches in `fmt`, right-padded, loss on the answer tokens only."""
     order = list(examples)
     random.Random(seed).shuffle(order)
     out = []
     for i in range(0, len(order), batch_size):
-        encoded = [encode_for_training(tokenizer, ex, max_length) for ex in order[i : i + batch_size]]
+        encoded = [encode_for_training(tokenizer, ex, max_length, fmt) for ex in order[i : i + batch_size]]
         batch = collate(encoded, tokenizer.pad_token_id)
         out.append((batch["input_ids"], batch["attention_mask"], batch["labels"]))
     return out
@@ -51,7 +52,9 @@ def train_router_params(
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    batches = training_batches(env.tokenizer, examples, batch_size=batch_size, max_length=max_length, seed=seed)
+    batches = training_batches(
+        env.tokenizer, examples, env.prompt_format, batch_size=batch_size, max_length=max_length, seed=seed
+    )
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     handle.set_weight_fn(weight_fn)
     losses = []

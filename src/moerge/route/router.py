@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from moerge.data.formats import MOERGE, PromptFormat
 from moerge.errors import MoergeError
 from moerge.registry import Registry
 from moerge.route.policies import Policy
@@ -73,12 +74,14 @@ class RouterEnv:
 
     `data` maps an expert name to its training examples or a `load_task` spec; by default the spec
     is the expert's recorded task source (`moerge.json` → task.source). `library` caches artifacts.
+    `prompt_format` renders those examples (`build_format`: the experts' own when they agree).
     """
 
     handle: StackedModel
     tokenizer: Any = None
     data: dict[str, Any] = field(default_factory=dict)
     library: Any = None
+    prompt_format: PromptFormat = MOERGE
     max_examples: int = 64
     _loaded: dict[str, list[Example]] = field(default_factory=dict, repr=False)
 
@@ -98,6 +101,13 @@ class RouterEnv:
         if not given:
             raise MoergeError(f"expert {expert!r}: no training examples to build the router from")
         return list(given)[: self.max_examples]
+
+
+def build_format(handle: StackedModel) -> PromptFormat:
+    """The format a router renders its experts' data in: the one they were trained with when they
+    agree; moerge's when they disagree or one is unknown (the router records which it was)."""
+    recorded = handle.prompt_format
+    return recorded if isinstance(recorded, PromptFormat) else MOERGE
 
 
 def _recorded_task_spec(handle: StackedModel, expert: str) -> str:

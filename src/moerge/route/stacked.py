@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moerge.data.formats import Recorded as RecordedFormat
+from moerge.data.formats import combined
 from moerge.errors import MoergeError
 from moerge.library.adapter import LoraAdapter, check_same_base
 
@@ -66,6 +68,7 @@ class StackedExpert:
 
     name: str
     folder: Path
+    prompt_format: RecordedFormat
 
 
 # --------------------------------------------------------------------------- the layer
@@ -179,6 +182,11 @@ class StackedModel:
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]
 
+    @property
+    def prompt_format(self) -> RecordedFormat:
+        """The experts' prompt format: theirs when they agree, else `mixed` (or `unknown`)."""
+        return combined([e.prompt_format for e in self.experts])
+
     def set_weight_fn(self, fn: WeightFn | None) -> None:
         for layer in self.layers.values():
             layer.weight_fn = fn if fn is None else self._gated(fn)
@@ -258,6 +266,6 @@ def attach_experts(
         layer = StackedLoRALinear(getattr(parent, child), name, [a.factors(module) for a in adapters])
         setattr(parent, child, layer)
         layers[name] = layer
-    handle = StackedModel(model, [StackedExpert(a.label, a.folder) for a in adapters], layers)
+    handle = StackedModel(model, [StackedExpert(a.label, a.folder, a.prompt_format) for a in adapters], layers)
     model.moerge_routing = handle
     return handle

@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
+from moerge.data.formats import MOERGE, FormatField, PromptFormat
 from moerge.train.methods import METHODS, get_method
 from moerge.train.methods.base import DEFAULT_TARGETS, NoOptions
 from moerge.yamlconf import CommaList, Source, an_option_of, read_yaml, validate
@@ -60,6 +61,9 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(20, ge=1, description="save a resumable checkpoint every N steps")
     eval_split: str | None = Field("test", description="split scored after training (none: skip)")
     eval_limit: int | None = Field(None, ge=1, description="score at most this many examples")
+    prompt_format: FormatField | None = Field(
+        None, description="how examples become prompts: moerge, plain, raw, a YAML file or a mapping (default: moerge)"
+    )
     # Multi-task mixing.
     tasks: CommaList | None = Field(None, description="several task specs trained together (instead of `task`)")
     mixing: Literal["concat", "proportional", "temperature", "weights"] = Field(
@@ -97,6 +101,12 @@ class TrainConfig(BaseModel):
             raw["method_options"] = get_method(raw["method"]).options.model_validate(given)
         return raw
 
+    @field_validator("prompt_format")
+    @classmethod
+    def _moerge_is_default(cls, fmt: PromptFormat | None) -> PromptFormat | None:
+        """`moerge` said explicitly is the default: the same expert, the same fingerprint."""
+        return None if fmt is not None and fmt.same_rendering(MOERGE) and fmt.name == MOERGE.name else fmt
+
     @model_validator(mode="after")
     def _data_matches_type(self) -> TrainConfig:
         if self.type == "pretrain":
@@ -113,6 +123,11 @@ class TrainConfig(BaseModel):
         if self.type == "self_train" and not self.unlabelled:
             raise ValueError("a self_train stage needs `unlabelled`: a pool of inputs (.txt, .jsonl or a task)")
         return self
+
+    @property
+    def format(self) -> PromptFormat:
+        """The prompt format the examples are rendered in."""
+        return self.prompt_format or MOERGE
 
     @property
     def task_specs(self) -> list[str]:

@@ -120,7 +120,7 @@ def task_data(tasks: list[Task], tokenizer: PreTrainedTokenizerBase, cfg: TrainC
     for t, task in enumerate(tasks):
         if not task.train:
             raise MoergeError(f"{task.source}: the task has no training examples")
-        items.extend(encode_for_training(tokenizer, ex, cfg.max_length) for ex in task.train)
+        items.extend(encode_for_training(tokenizer, ex, cfg.max_length, cfg.format) for ex in task.train)
         task_of.extend([t] * len(task.train))
     names = unique_names([task.name for task in tasks])
     if cfg.mixing == "concat" or len(tasks) == 1:

@@ -161,6 +161,7 @@ def fit(
             **(extra or {}),
         },
         metrics=metrics,
+        prompt_format=None if cfg.type == "pretrain" else cfg.format,
         cost={
             "train_time_s": round(state.elapsed_s, 2),
             "peak_memory_mb": round(peak_memory_mb(), 1),
@@ -237,7 +238,8 @@ def _evaluate(model, tokenizer, tasks: list[Task], cfg: TrainConfig, progress: b
         return {}
     split = cfg.eval_split
     results = {
-        t.name: evaluate_task(model, tokenizer, t, split=split, limit=cfg.eval_limit, progress=progress) for t in tasks
+        t.name: evaluate_task(model, tokenizer, t, fmt=cfg.format, split=split, limit=cfg.eval_limit, progress=progress)
+        for t in tasks
     }
     if len(tasks) == 1:
         return {split: next(iter(results.values()))}

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moerge.data.formats import PromptFormat
 from moerge.data.prompts import answer_ids, pad_batch, prompt_ids
 from moerge.data.task import Example, Task
 from moerge.errors import MoergeError
@@ -97,14 +98,14 @@ def answer_token_logprobs(
     return out
 
 
-def label_choices(model, tokenizer, pool: list[Example], batch_size: int) -> list[tuple[str, float]]:
+def label_choices(model, tokenizer, pool: list[Example], batch_size: int, fmt: PromptFormat) -> list[tuple[str, float]]:
     """(picked choice, its softmax probability over the choices) per example."""
     import torch
 
     from moerge.eval.evaluate import choice_logprobs
 
     out = []
-    for ex, scores in zip(pool, choice_logprobs(model, tokenizer, pool, batch_size=batch_size), strict=True):
+    for ex, scores in zip(pool, choice_logprobs(model, tokenizer, pool, fmt=fmt, batch_size=batch_size), strict=True):
         probs = torch.softmax(torch.tensor(scores), dim=0)
         best = int(probs.argmax())
         out.append((list(ex.choices or ())[best], float(probs[best])))
@@ -112,16 +113,18 @@ def label_choices(model, tokenizer, pool: list[Example], batch_size: int) -> lis
 
 
 def label_generation(
-    model, tokenizer, pool: list[Example], batch_size: int, max_new_tokens: int
+    model, tokenizer, pool: list[Example], batch_size: int, max_new_tokens: int, fmt: PromptFormat
 ) -> list[tuple[str, float]]:
     """(greedy answer's first line, mean probability of its tokens) per example."""
     from moerge.eval.evaluate import generate_answers
 
     texts = generate_answers(
-        model, tokenizer, pool, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False
+        model, tokenizer, pool, fmt=fmt, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False
     )
     answers = [t.strip().split("\n", 1)[0].strip() for t in texts]
-    pairs = [(prompt_ids(tokenizer, ex), answer_ids(tokenizer, ex, a)) for ex, a in zip(pool, answers, strict=True)]
+    pairs = [
+        (prompt_ids(tokenizer, ex, fmt), answer_ids(tokenizer, ex, a, fmt)) for ex, a in zip(pool, answers, strict=True)
+    ]
     logprobs = answer_token_logprobs(model, pairs, tokenizer.pad_token_id, batch_size)
     return [(a, sum(math.exp(x) for x in lp) / len(lp)) for a, lp in zip(answers, logprobs, strict=True)]
 
@@ -135,6 +138,7 @@ def pseudo_label(
     confidence: float,
     keep_top: float | None = None,
     batch_size: int = 16,
+    fmt: PromptFormat,
 ) -> tuple[list[Example], dict[str, Any]]:
     """Label `pool` with `model`; keep examples whose confidence is at least `confidence` and, with
     `keep_top`, only that fraction of the pool, the most confident (a weak teacher's labels are mostly
@@ -144,10 +148,10 @@ def pseudo_label(
     pool = with_choices(pool, labelled)
     model.eval()
     if labelled.is_multiple_choice:
-        labels = label_choices(model, tokenizer, pool, batch_size)
+        labels = label_choices(model, tokenizer, pool, batch_size, fmt)
     else:
-        longest = max(len(answer_ids(tokenizer, ex, ex.target)) for ex in labelled.train)
-        labels = label_generation(model, tokenizer, pool, batch_size, longest + 8)
+        longest = max(len(answer_ids(tokenizer, ex, ex.target, fmt)) for ex in labelled.train)
+        labels = label_generation(model, tokenizer, pool, batch_size, longest + 8, fmt)
     confident = [(i, answer, conf) for i, (answer, conf) in enumerate(labels) if conf >= confidence and answer]
     if keep_top is not None:  # the most confident fraction, back in pool order
         confident = sorted(sorted(confident, key=lambda item: -item[2])[: math.ceil(keep_top * len(pool))])

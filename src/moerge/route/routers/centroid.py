@@ -28,7 +28,7 @@ class EmbeddingRouter(Router):
     options: EmbedderOptions
 
     def embedder(self) -> Embedder:
-        return Embedder(self.options.embedder, self.env.handle, self.env.tokenizer)
+        return Embedder(self.options.embedder, self.env.handle, self.env.tokenizer, self.env.prompt_format)
 
     def embed_step(self, step: Step) -> torch.Tensor:
         return self.embedder().ids(step.input_ids, step.mask)

@@ -43,6 +43,7 @@ class GliderOptions(PhatgooseOptions, EmbedderOptions):
 
 def describe_with_chat_model(env: RouterEnv, examples: list[Example], model_path: str | None) -> str:
     """One generated sentence describing the task shown by `examples` (greedy, short)."""
+    from moerge.data.formats import MOERGE
     from moerge.data.prompts import pad_batch, prompt_ids
 
     shown = "\n".join(f"- {ex.input} -> {ex.target}" for ex in examples[:4])
@@ -54,7 +55,7 @@ def describe_with_chat_model(env: RouterEnv, examples: list[Example], model_path
         context = torch.no_grad()
     else:
         model, tokenizer, context = env.handle.model, env.tokenizer, env.handle.experts_off()
-    ids, mask = pad_batch([prompt_ids(tokenizer, query)], tokenizer.pad_token_id)
+    ids, mask = pad_batch([prompt_ids(tokenizer, query, MOERGE)], tokenizer.pad_token_id)  # moerge's own question
     with context, torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
