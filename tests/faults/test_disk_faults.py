@@ -125,11 +125,6 @@ def test_train_onto_a_full_disk(launcher, tiny_base, parity_task, full_disk, tmp
     assert not [p for p in full_disk.iterdir() if p.name.endswith(".tmp")]  # no temp folder of the expert
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.loop.fit creates the work folder (.expert.work) before training and removes it only on "
-    "success: a run that fails writing the expert leaves it behind, empty",
-)
 def test_train_onto_a_full_disk_leaves_nothing(launcher, tiny_base, parity_task, full_disk, tmp_path):
     with unchanged(full_disk, tiny_base):
         assert_refused(train_onto(launcher, tiny_base, parity_task, full_disk, tmp_path))

@@ -145,3 +145,9 @@ def test_prompt_formats_train_score_and_mark_mismatches(tmp_path, tiny_base):
     assert merged.provenance["prompt_formats"] == {"parity": "raw", "colour": "plain"}
     report = (tmp_path / "out" / "report.md").read_text()
     assert "†" in report and "linear on parity: experts were trained with different prompt formats" in report
+    # told otherwise: every strategy is scored in the override, and says so where it differs
+    forced = _load(tmp_path, {**raw, "strategies": ["base", "oracle"], "override_prompt_format": "moerge"})
+    rows = {r["strategy"]: r for r in run_compare(forced, tmp_path / "out", progress=False)["rows"]}
+    assert rows["oracle"]["per_task"]["parity"]["prompt_format"] == "moerge"
+    assert rows["oracle"]["per_task"]["parity"]["format_note"] == "trained with prompt format 'raw', scored in 'moerge'"
+    assert rows["base"]["per_task"]["unseen"]["format_note"] is None

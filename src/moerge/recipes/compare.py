@@ -54,6 +54,9 @@ class CompareConfig(BaseModel):
     prompt_format: FormatField | None = Field(
         None, description="prompt format of every task without its own `prompt` (default: moerge)"
     )
+    override_prompt_format: FormatField | None = Field(
+        None, description="score every strategy in this format, whatever its experts were trained with"
+    )
     held_in: list[TaskEntry] = Field(min_length=1)
     held_out: list[TaskEntry] = Field(default_factory=list)
     forgetting: Forgetting = Field(default_factory=Forgetting)
@@ -104,7 +107,8 @@ class Comparison:
     def scoring(self, loaded: Loaded, task: str | None) -> tuple[PromptFormat, str | None]:
         """The format a strategy is scored in on `task` (None: the forgetting probe), with a note when
         it is not the one its experts were trained with."""
-        return scoring_format(loaded.prompt_format, self.formats.get(task) if task else self.config.prompt_format)
+        task_format = self.formats.get(task) if task else self.config.prompt_format
+        return scoring_format(loaded.prompt_format, task_format, self.config.override_prompt_format)
 
     def cache_path(self, spec: StrategySpec, what: str, depends: dict[str, Any]) -> Path:
         fields = {"v": CACHE_VERSION, "strategy": spec.key_dict(), "base": self.base_fingerprint, "what": what}
@@ -128,7 +132,11 @@ class Comparison:
         cached before formats existed stay valid."""
         given = {str(t): format_key(self.formats.get(t) if t else self.config.prompt_format) for t in tasks}
         given = {t: f for t, f in given.items() if f is not None and f != format_key(MOERGE)}
-        return {"prompt_formats": given} if given else {}
+        override = self.config.override_prompt_format
+        return {
+            **({"prompt_formats": given} if given else {}),
+            **({"override_prompt_format": format_key(override)} if override else {}),
+        }
 
 
 def prepare(config: CompareConfig, out: Path, *, progress: bool = True) -> Comparison:

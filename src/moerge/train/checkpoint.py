@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +46,22 @@ class TrainState:
 def checkpoint_dir_for(out: Path) -> Path:
     """The hidden work folder beside the expert's final location."""
     return out.parent / f".{out.name}.work"
+
+
+@contextmanager
+def work_folder(out: Path) -> Iterator[Path]:
+    """The hidden work folder of a run writing `out`: removed when the run succeeds, and when it fails
+    with nothing to resume from (no checkpoint yet), so a failed run leaves nothing it made behind; a
+    checkpoint is kept for `--resume`."""
+    workdir = checkpoint_dir_for(out)
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield workdir
+    except BaseException:
+        if not has_checkpoint(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def save_checkpoint(workdir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import math
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo, write_expert_m
 from moerge.models.loading import check_finite
 from moerge.paths import atomic_directory
 from moerge.progress import progress_bar
-from moerge.train.checkpoint import TrainState, checkpoint_dir_for, has_checkpoint, load_checkpoint, save_checkpoint
+from moerge.train.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint, work_folder
 from moerge.train.config import TrainConfig
 from moerge.train.data import TrainingData, task_data, text_data, text_hash
 from moerge.train.methods import get_method
@@ -113,77 +112,77 @@ def fit(
         method.check(model, cfg)  # e.g. unknown target modules, a rank above a layer's size: before any file
     base_info = base_info or BaseInfo(name_or_path=start.base, fingerprint=fingerprint(model))
     data = text_data(cfg, tokenizer) if cfg.type == "pretrain" else task_data(tasks, tokenizer, cfg)
-    workdir = checkpoint_dir_for(out)
-    workdir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    if start.adapter:
-        details: dict[str, Any] = {"continued_from": start.adapter}
-    else:
-        init = InitData([_on(_batch(data, s, tokenizer), device) for s in range(method.init_batches(cfg))], tokenizer)
-        model = method.prepare(model, cfg, workdir, init)
-        details = method.details(model, cfg)
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    lr = cfg.lr or method.default_lr
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    state = TrainState(total_steps=total_steps_for(cfg, len(data.items)), config_hash=cfg.fingerprint())
-    resumed_from = 0
-    if resume and has_checkpoint(workdir):
-        state = load_checkpoint(workdir, model, optimizer, cfg.fingerprint())
-        resumed_from = state.step
-
-    _run_steps(
-        model, optimizer, data, cfg, state, workdir, lr=lr, tokenizer=tokenizer, device=device, progress=progress
-    )
-    model.eval()
-    metrics = _evaluate(model, tokenizer, eval_tasks if eval_tasks is not None else tasks, cfg, progress)
-    if state.task_losses:
-        metrics["train_loss_by_task"] = {name: _final(losses) for name, losses in state.task_losses.items()}
-    meta = ExpertMeta(
-        name=cfg.name or (tasks[0].name if len(tasks) == 1 else "+".join(data.task_names)),
-        kind=method.kind,
-        method=cfg.method,
-        task=_task_info(cfg, tasks),
-        base=base_info,
-        hyperparameters={
-            **method.hyperparameters(cfg),
-            **details,
-            "lr": lr,
-            "steps": state.total_steps,
-            "batch_size": cfg.batch_size,
-            "max_length": cfg.max_length,
-            "seed": cfg.seed,
-            "warmup_ratio": cfg.warmup_ratio,
-            "weight_decay": cfg.weight_decay,
-            "limit": cfg.limit,
-            **_data_settings(cfg),
-            "config_hash": cfg.fingerprint(),
-            **(extra or {}),
-        },
-        metrics=metrics,
-        prompt_format=None if cfg.type == "pretrain" else cfg.format,
-        cost={
-            "train_time_s": round(state.elapsed_s, 2),
-            "peak_memory_mb": round(peak_memory_mb(), 1),
-            "trainable_params": sum(p.numel() for p in params),
-            "train_tokens": state.tokens,
-            "tokens_per_s": round(state.tokens / max(state.elapsed_s, 1e-9), 1),
-            "device": device,
-            "final_loss": state.losses[-1] if state.losses else None,
-            "resumed_from_step": resumed_from,
-        },
-    )
-    trained = [(name, p.detach()) for name, p in model.named_parameters() if p.requires_grad]
-    check_finite(trained, out, "training diverged, nothing was written (try a lower --lr)")
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with work_folder(out) as workdir:
+        torch.manual_seed(cfg.seed)
         if start.adapter:
-            model.save_pretrained(tmp)
+            details: dict[str, Any] = {"continued_from": start.adapter}
         else:
-            method.save(model, tmp, workdir)
-        if method.kind == "full":
-            tokenizer.save_pretrained(tmp)  # a full expert is a complete model folder
-        meta = write_expert_meta(tmp, meta)
-    shutil.rmtree(workdir, ignore_errors=True)
+            init = InitData(
+                [_on(_batch(data, s, tokenizer), device) for s in range(method.init_batches(cfg))], tokenizer
+            )
+            model = method.prepare(model, cfg, workdir, init)
+            details = method.details(model, cfg)
+        model.to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        lr = cfg.lr or method.default_lr
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        state = TrainState(total_steps=total_steps_for(cfg, len(data.items)), config_hash=cfg.fingerprint())
+        resumed_from = 0
+        if resume and has_checkpoint(workdir):
+            state = load_checkpoint(workdir, model, optimizer, cfg.fingerprint())
+            resumed_from = state.step
+
+        _run_steps(
+            model, optimizer, data, cfg, state, workdir, lr=lr, tokenizer=tokenizer, device=device, progress=progress
+        )
+        model.eval()
+        metrics = _evaluate(model, tokenizer, eval_tasks if eval_tasks is not None else tasks, cfg, progress)
+        if state.task_losses:
+            metrics["train_loss_by_task"] = {name: _final(losses) for name, losses in state.task_losses.items()}
+        meta = ExpertMeta(
+            name=cfg.name or (tasks[0].name if len(tasks) == 1 else "+".join(data.task_names)),
+            kind=method.kind,
+            method=cfg.method,
+            task=_task_info(cfg, tasks),
+            base=base_info,
+            hyperparameters={
+                **method.hyperparameters(cfg),
+                **details,
+                "lr": lr,
+                "steps": state.total_steps,
+                "batch_size": cfg.batch_size,
+                "max_length": cfg.max_length,
+                "seed": cfg.seed,
+                "warmup_ratio": cfg.warmup_ratio,
+                "weight_decay": cfg.weight_decay,
+                "limit": cfg.limit,
+                **_data_settings(cfg),
+                "config_hash": cfg.fingerprint(),
+                **(extra or {}),
+            },
+            metrics=metrics,
+            prompt_format=None if cfg.type == "pretrain" else cfg.format,
+            cost={
+                "train_time_s": round(state.elapsed_s, 2),
+                "peak_memory_mb": round(peak_memory_mb(), 1),
+                "trainable_params": sum(p.numel() for p in params),
+                "train_tokens": state.tokens,
+                "tokens_per_s": round(state.tokens / max(state.elapsed_s, 1e-9), 1),
+                "device": device,
+                "final_loss": state.losses[-1] if state.losses else None,
+                "resumed_from_step": resumed_from,
+            },
+        )
+        trained = [(name, p.detach()) for name, p in model.named_parameters() if p.requires_grad]
+        check_finite(trained, out, "training diverged, nothing was written (try a lower --lr)")
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            if start.adapter:
+                model.save_pretrained(tmp)
+            else:
+                method.save(model, tmp, workdir)
+            if method.kind == "full":
+                tokenizer.save_pretrained(tmp)  # a full expert is a complete model folder
+            meta = write_expert_meta(tmp, meta)
     return meta
 
 
