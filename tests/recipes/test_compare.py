@@ -151,3 +151,13 @@ def test_prompt_formats_train_score_and_mark_mismatches(tmp_path, tiny_base):
     assert rows["oracle"]["per_task"]["parity"]["prompt_format"] == "moerge"
     assert rows["oracle"]["per_task"]["parity"]["format_note"] == "trained with prompt format 'raw', scored in 'moerge'"
     assert rows["base"]["per_task"]["unseen"]["format_note"] is None
+
+
+def test_out_holding_other_files_is_refused_before_any_work(tmp_path, tiny_base):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine")
+    recipe = _load(tmp_path, _recipe(tmp_path, tiny_base, ["base"]))
+    with pytest.raises(MoergeError, match=r"out: --out holds 'thesis.tex', which a compare does not write"):
+        run_compare(recipe, out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"] and not (tmp_path / "lib").exists()

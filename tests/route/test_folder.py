@@ -99,3 +99,15 @@ def test_router_renders_data_in_its_experts_format_and_records_it(tmp_path, tiny
     assert read_router_config(out)["prompt_format"]["name"] == "moerge"
     assert read_router_config(out)["expert_formats"] == {NAMES[0]: "raw", NAMES[1]: "plain"}
     assert load_routed(str(tiny_base), out).moerge_routing.prompt_format == "mixed"
+
+
+def test_out_that_is_not_a_router_is_refused_before_loading(tmp_path, experts, monkeypatch):
+    import moerge.route.folder as folder
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    monkeypatch.setattr(folder, "_load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(MoergeError, match="not a moerge output"):
+        build_router("arrow", [experts[NAMES[0]]], out, base="unused", overwrite=True)
+    assert (out / "notes.txt").read_text() == "keep"

@@ -367,10 +367,31 @@ def expert_cost(meta: Any) -> dict[str, Any]:
     return {"method": meta.method, "steps": meta.hyperparameters.get("steps"), **{k: meta.cost.get(k) for k in keys}}
 
 
+OUT_ENTRIES = {"cache", "routers", "plots", "results.json", "results.csv", "report.md", "report.html"}
+"""What a compare writes into `--out` (plus hidden temp files, and the library when it lives there)."""
+
+
+def claim_out(out: Path, library: str) -> None:
+    """`--out` is a new or empty folder, or one holding only what a compare writes (a rerun resumes it);
+    anything else is refused before any work, so a compare never writes into a folder of yours."""
+    if out.exists() and not out.is_dir():
+        raise MoergeError(f"{out}: --out exists and is not a folder; choose a new or empty folder")
+    if not out.is_dir():
+        return
+    own = OUT_ENTRIES | {Path(library).name} if Path(library).parent.resolve() == out.resolve() else OUT_ENTRIES
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in own and not p.name.startswith("."))
+    if foreign:
+        raise MoergeError(
+            f"{out}: --out holds {foreign[0]!r}, which a compare does not write; choose a new or empty folder "
+            "(a compare's own folder is resumed)"
+        )
+
+
 def run_compare(config: CompareConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
     """Prepare experts, evaluate every strategy, write results.json/.csv, report.md and report.html."""
     from moerge.recipes.report import summarise_results, write_reports
 
+    claim_out(out, config.library)
     out.mkdir(parents=True, exist_ok=True)
     comparison = prepare(config, out, progress=progress)
     raw = []

@@ -22,7 +22,7 @@ from moerge.data.formats import PromptFormat, format_name
 from moerge.errors import MoergeError
 from moerge.library.adapter import short_fingerprint
 from moerge.models.loading import check_finite, read_safetensors
-from moerge.paths import ROUTER, atomic_directory, parse_json, write_json_atomic
+from moerge.paths import ROUTER, atomic_directory, check_replaceable, parse_json, write_json_atomic
 from moerge.route.policies import Policy, parse_policy
 from moerge.route.router import OptionsModel, Router, RouterEnv, build_format, get_router
 from moerge.route.routing import Routing
@@ -100,6 +100,7 @@ def build_router(
     """
     options = get_router(router).parse_options(options)
     chosen = make_policy(router, policy)
+    check_replaceable(out, overwrite=overwrite, kind=ROUTER)  # before minutes of building, not after
     model, tokenizer, base_name = _load_model(base, tokenizer)
     fingerprint = _fingerprint(model)
     handle = attach_experts(model, experts, base_fingerprint=fingerprint)
