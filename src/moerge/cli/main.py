@@ -79,7 +79,7 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False,
 
 
 def _register() -> None:
-    from moerge.cli import compare, data, demo, evaluate, library, merge, models, route, train
+    from moerge.cli import compare, data, demo, evaluate, library, merge, models, route, serve, train
     from moerge.cli.help import lazy_epilog
 
     app.command("demo")(demo.demo)
@@ -90,6 +90,7 @@ def _register() -> None:
     app.command("train-library")(train.train_library_command)
     app.command("eval")(evaluate.eval_command)
     app.command("generate")(evaluate.generate_command)
+    app.command("serve")(serve.serve)
     for module in (library, merge, route):
         module.register(app)
 

@@ -42,6 +42,24 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example, fmt: Prompt
     return tokenizer(fmt.prompt_text(user_message(example, fmt)), add_special_tokens=True)["input_ids"]
 
 
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, turns: list[dict[str, str]], fmt: PromptFormat) -> list[int]:
+    """A conversation (OpenAI-style role/content turns) as the prompt of a model trained in `fmt`: the
+    last user turn goes through the format's user template; with a chat template every turn is kept
+    (the format's system prompt added when the conversation has none); without one, completion-style
+    formats have no place for earlier turns, so the prompt is the last user turn alone."""
+    last = max((i for i, t in enumerate(turns) if t["role"] == "user"), default=None)
+    if last is None:
+        raise ValueError("the conversation has no user message")
+    turns = [dict(t) for t in turns]
+    turns[last]["content"] = fmt.user_turn(turns[last]["content"], None)
+    if not uses_chat_template(tokenizer, fmt):
+        return tokenizer(fmt.prompt_text(turns[last]["content"]), add_special_tokens=True)["input_ids"]
+    system = fmt.system_message()
+    if system is not None and turns[0]["role"] != "system":
+        turns.insert(0, {"role": "system", "content": system})
+    return _ids(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True))
+
+
 def answer_ids(
     tokenizer: PreTrainedTokenizerBase, example: Example, answer: str, fmt: PromptFormat, *, end: bool = True
 ) -> list[int]:

@@ -1,0 +1,179 @@
+"""The real server on a free local port (tiny models), spoken to with the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import uvicorn
+
+from helpers import addition_rows, parity_rows, write_task
+from moerge.data.formats import PLAIN, scoring_format
+from moerge.data.task import Example
+from moerge.eval.evaluate import generate_answers
+from moerge.library import ExpertLibrary
+from moerge.library.loading import load_model
+from moerge.recipes.train import train_expert
+from moerge.route import build_router
+from moerge.serve import ModelPool, create_app
+from moerge.train.config import TrainConfig
+
+KEY = "s3cret"
+FAST = {"steps": 3, "batch_size": 4, "max_length": 48, "lr": 5e-3, "rank": 4, "eval_limit": 2}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_base, tmp_path_factory):
+    """(url, library) of a running server: two experts (one trained in the plain format) and a router."""
+    root = tmp_path_factory.mktemp("serve")
+    library = ExpertLibrary.create(root / "lib")
+    tasks = {"parity": (parity_rows(30), None), "add": (addition_rows(30), "plain")}
+    for name, (rows, fmt) in tasks.items():
+        cfg = TrainConfig(base=str(tiny_base), task=write_task(root / f"{name}.jsonl", rows), prompt_format=fmt, **FAST)
+        train_expert(cfg, root / name, progress=False)
+        library.add(root / name, name=name)
+    router = build_router("arrow", {n: library.path(n) for n in tasks}, root / "arrow", base=tiny_base)
+    pool = ModelPool(base=str(tiny_base), library=library, routers={"arrow": router}, auto="arrow")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(pool, api_key=KEY, max_tokens=16), port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", library, tiny_base
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _http(url: str, body: bytes | dict | None = None, key: str | None = KEY) -> tuple[int, bytes]:
+    """(status, body) of a raw request: POST when `body` is given."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+def _alone(base: Path, folder: Path, prompt: str, max_tokens: int) -> str:
+    """The expert's greedy answer computed directly, in its own prompt format (no server)."""
+    from moerge.library.expert import read_expert_meta, recorded_format
+
+    model, tokenizer = load_model(base, folder, merge=True)
+    fmt, _ = scoring_format(recorded_format(read_expert_meta(folder)))
+    example = Example(prompt, "")
+    return generate_answers(
+        model, tokenizer, [example], fmt=fmt, batch_size=1, max_new_tokens=max_tokens, progress=False
+    )[0]
+
+
+def test_models_chat_and_completions(served):
+    url, library, base = served
+    client = _client(url)
+    assert [m.id for m in client.models.list().data] == ["base", "auto", "arrow", "add", "parity"]
+    for expert in ("parity", "add"):
+        reply = client.chat.completions.create(
+            model=expert, messages=[{"role": "user", "content": "Is 4 even?"}], max_tokens=8, temperature=0
+        )
+        assert reply.choices[0].message.content == _alone(base, library.path(expert), "Is 4 even?", 8)
+        assert reply.usage.completion_tokens >= 1 and reply.choices[0].finish_reason in ("stop", "length")
+    completion = client.completions.create(model="base", prompt="1+1=", max_tokens=4, temperature=0)
+    assert completion.object == "text_completion" and completion.usage.prompt_tokens == 4
+
+
+def test_greedy_answers_equal_the_expert_alone_also_under_concurrency(served):
+    url, library, base = served
+    client = _client(url)
+    prompts = [f"Is {i} even?" for i in range(6)]
+    jobs = [(expert, p) for p in prompts for expert in ("parity", "add")]
+    expected = {(e, p): _alone(base, library.path(e), p, 6) for e, p in jobs}
+
+    def ask(job):
+        expert, prompt = job
+        reply = client.chat.completions.create(
+            model=expert, messages=[{"role": "user", "content": prompt}], max_tokens=6, temperature=0
+        )
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = dict(zip(jobs, pool.map(ask, jobs), strict=True))
+    assert answers == expected
+
+
+def test_streaming_matches_the_whole_answer(served):
+    url, _, _ = served
+    client = _client(url)
+    messages = [{"role": "user", "content": "Is 12 even?"}]
+    whole = client.chat.completions.create(model="add", messages=messages, max_tokens=10, temperature=0)
+    chunks = list(
+        client.chat.completions.create(model="add", messages=messages, max_tokens=10, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_routed_answers_carry_the_routing(served):
+    url, _, _ = served
+    body = {"model": "auto", "messages": [{"role": "user", "content": "2+2="}], "max_tokens": 4, "temperature": 0}
+    status, raw = _http(f"{url}/v1/chat/completions", body)
+    assert status == 200
+    reply = json.loads(raw)
+    routing = reply["moerge"]["routing"]
+    assert set(routing) == {"parity", "add"} and abs(sum(routing.values()) - 1) < 1e-3
+    typed = _client(url).chat.completions.create(
+        model="arrow", messages=[{"role": "user", "content": "2+2="}], max_tokens=4, temperature=0
+    )
+    assert typed.model_extra["moerge"]["routing"] == routing  # the openai client keeps the extra field
+
+
+def test_errors_are_openai_json_with_the_right_status(served):
+    url, _, _ = served
+    client = _client(url)
+    with pytest.raises(openai.NotFoundError, match="model 'nope' does not exist"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}], temperature=7)
+    with pytest.raises(openai.AuthenticationError):
+        _client(url, "wrong").models.list()
+    status, raw = _http(f"{url}/v1/chat/completions", b"{not json")
+    assert status == 400 and json.loads(raw)["error"]["message"] == "the body is not valid JSON"
+    long = {"model": "base", "messages": [{"role": "user", "content": "x" * 600}]}
+    status, raw = _http(f"{url}/v1/chat/completions", long)
+    assert status == 413 and "reads at most 512" in json.loads(raw)["error"]["message"]
+    status, raw = _http(f"{url}/health", key=None)
+    assert status == 200 and json.loads(raw)["status"] == "ok"  # still serving
+
+
+def test_metrics_count_requests_and_tokens(served):
+    url, _, _ = served
+    _client(url).chat.completions.create(model="parity", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    text = _http(f"{url}/metrics", key=None)[1].decode()
+    assert 'moerge_requests_total{model="parity",status="200"}' in text
+    assert 'moerge_tokens_total{kind="completion",model="parity"}' in text
+    assert "moerge_queue_depth" in text and "moerge_request_seconds_bucket" in text
+
+
+def test_plain_format_expert_is_asked_in_its_format(served):
+    """The `add` expert was trained in `plain`: the server renders chat in that format, as eval does."""
+    _, library, _ = served
+    assert library.meta("add").prompt_format == PLAIN
