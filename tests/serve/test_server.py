@@ -160,6 +160,9 @@ def test_errors_are_openai_json_with_the_right_status(served):
     long = {"model": "base", "messages": [{"role": "user", "content": "x" * 600}]}
     status, raw = _http(f"{url}/v1/chat/completions", long)
     assert status == 413 and "reads at most 512" in json.loads(raw)["error"]["message"]
+    long["stream"] = True  # an error before the first token is a plain error, not a 200 stream
+    status, raw = _http(f"{url}/v1/chat/completions", long)
+    assert status == 413 and json.loads(raw)["error"]["type"] == "invalid_request_error"
     status, raw = _http(f"{url}/health", key=None)
     assert status == 200 and json.loads(raw)["status"] == "ok"  # still serving
 

@@ -120,9 +120,12 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, max_tokens: int =
         job = Job(name, body, body.token_limit(max_tokens), asyncio.get_running_loop())
         engine.submit(job)
         reply = Reply(kind, body.model, job)
-        if body.stream:
-            return StreamingResponse(_counted(reply.stream(), metrics, body.model), media_type="text/event-stream")
         try:
+            if body.stream:  # the first event decides the status: an error before any text is a plain error
+                first = await reply.next_event()
+                return StreamingResponse(
+                    _counted(reply.stream(first), metrics, body.model), media_type="text/event-stream"
+                )
             result = await reply.result()
         except ServeError as exc:
             metrics.requests.labels(body.model, str(exc.status)).inc()
@@ -167,22 +170,28 @@ class Reply:
         self.id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
-    async def result(self) -> Result:
+    async def next_event(self) -> tuple[Any, ...]:
+        """The job's next event; its error is raised. A client that goes away stops the generation."""
         try:
-            while True:
-                kind, *payload = await self.job.events.get()
-                if kind == DONE:
-                    return payload[0]
-                if kind == ERROR:
-                    raise payload[0]
-        except asyncio.CancelledError:  # the client went away: stop generating for it
+            event = await self.job.events.get()
+        except asyncio.CancelledError:
             self.job.cancelled.set()
             raise
+        if event[0] == ERROR:
+            raise event[1]
+        return event
 
-    async def stream(self) -> AsyncIterator[str]:
+    async def result(self) -> Result:
+        while True:
+            kind, *payload = await self.next_event()
+            if kind == DONE:
+                return payload[0]
+
+    async def stream(self, first: tuple[Any, ...]) -> AsyncIterator[str]:
+        event = first
         try:
             while True:
-                kind, *payload = await self.job.events.get()
+                kind, *payload = event
                 if kind == DELTA:
                     yield self._sse(self._chunk(payload[0], payload[1], None))
                 elif kind == DONE:
@@ -191,8 +200,7 @@ class Reply:
                         yield self._sse(self._chunk(index, "", choice.finish_reason, result))
                     yield "data: [DONE]\n\n"
                     return
-                else:
-                    raise payload[0]
+                event = await self.next_event()
         finally:
             self.job.cancelled.set()  # a no-op when finished; stops the generation of a client that left
 
