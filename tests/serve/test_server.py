@@ -71,6 +71,10 @@ def _http(url: str, body: bytes | dict | None = None, key: str | None = KEY) -> 
         return exc.code, exc.read()
 
 
+def _metric(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))
+
+
 def _client(url: str, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
 
@@ -118,6 +122,9 @@ def test_greedy_answers_equal_the_expert_alone_also_under_concurrency(served):
     with ThreadPoolExecutor(8) as pool:
         answers = dict(zip(jobs, pool.map(ask, jobs), strict=True))
     assert answers == expected
+    metrics = _http(f"{url}/metrics", key=None)[1].decode()
+    alone = _metric(metrics, 'moerge_batch_rows_bucket{le="1.0"}')
+    assert _metric(metrics, "moerge_batch_rows_count") > alone  # some requests shared a forward pass
 
 
 def test_streaming_matches_the_whole_answer(served):
@@ -180,3 +187,22 @@ def test_plain_format_expert_is_asked_in_its_format(served):
     """The `add` expert was trained in `plain`: the server renders chat in that format, as eval does."""
     _, library, _ = served
     assert library.meta("add").prompt_format == PLAIN
+
+
+def test_an_expert_added_while_serving_is_served(served, tmp_path):
+    import shutil
+
+    url, library, _ = served
+    shutil.copytree(library.path("parity"), tmp_path / "copy")
+    library.add(tmp_path / "copy", name="parity-copy")
+    client = _client(url)
+    assert "parity-copy" in [m.id for m in client.models.list().data]
+    messages = [{"role": "user", "content": "Is 7 even?"}]
+    answers = [
+        client.chat.completions.create(model=m, messages=messages, max_tokens=6, temperature=0)
+        .choices[0]
+        .message.content
+        for m in ("parity", "parity-copy")
+    ]
+    assert answers[0] == answers[1]
+    library.remove("parity-copy")

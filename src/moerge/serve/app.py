@@ -44,6 +44,13 @@ class Metrics:
         self.expert_requests = Counter(
             "moerge_expert_requests", "requests each expert carried weight in", ["expert"], registry=self.registry
         )
+        self.batch_rows = Histogram(
+            "moerge_batch_rows",
+            "requests answered together by one batched generate",
+            buckets=(1, 2, 4, 8, 16, 32),
+            registry=self.registry,
+        )
+        engine.batch_observers.append(self.batch_rows.observe)
         queue = Gauge("moerge_queue_depth", "requests queued or running", registry=self.registry)
         queue.set_function(lambda: engine.depth)
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from moerge.data.formats import scoring_format
 from moerge.data.prompts import chat_prompt_ids
-from moerge.serve.models import ModelPool
+from moerge.serve.batch import ExpertStack
+from moerge.serve.models import BASE, ModelPool
 from moerge.serve.schemas import ChatRequest, CompletionRequest, ServeError
 
 DONE = "done"
@@ -75,9 +76,13 @@ class TextStream:
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
+        self.add(value.reshape(-1).tolist())
+
+    def add(self, ids: list[int]) -> None:
+        """New tokens of this answer."""
         if self.stopped:
             return
-        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+        self.ids.extend(int(t) for t in ids)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if cuts:
@@ -93,6 +98,45 @@ class TextStream:
         if upto > self.sent:
             self.emit(self.text[self.sent : upto])
             self.sent = upto
+
+
+class BatchStream:
+    """A transformers streamer for a batch: hands each row's new token to that row's `TextStream` until
+    the row has ended (its end token; afterwards generate pads it)."""
+
+    def __init__(self, rows: list[TextStream], eos: int) -> None:
+        self.rows, self.eos = rows, eos
+        self.ended = [False] * len(rows)
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for i, token in enumerate(value.reshape(len(self.rows), -1)[:, -1].tolist()):
+            if not self.ended[i]:
+                self.rows[i].add([token])
+                self.ended[i] = token == self.eos
+
+    def end(self) -> None:
+        for row in self.rows:
+            row.end()
+
+
+class RowsDone:
+    """Per-row stopping: the client left, a stop sequence, the end token, or the row's own max_tokens."""
+
+    def __init__(self, jobs: list[Job], stream: BatchStream) -> None:
+        self.jobs, self.stream = jobs, stream
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        done = [
+            job.cancelled.is_set() or row.stopped or ended or len(row.ids) >= job.max_tokens
+            for job, row, ended in zip(self.jobs, self.stream.rows, self.stream.ended, strict=True)
+        ]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class StopWhen:
@@ -111,12 +155,15 @@ class StopWhen:
 class Engine:
     """The worker thread and its bounded job queue."""
 
-    def __init__(self, pool: ModelPool, *, max_queue: int = 64) -> None:
-        self.pool, self.max_queue = pool, max_queue
+    def __init__(self, pool: ModelPool, *, max_queue: int = 64, max_batch: int = 16) -> None:
+        self.pool, self.max_queue, self.max_batch = pool, max_queue, max_batch
+        self.stack = ExpertStack(pool)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.depth = 0  # jobs queued or running
         self._depth_lock = threading.Lock()
         self.observers: list[Any] = []  # called with (job, result) after each job (metrics)
+        self.batch_observers: list[Any] = []  # called with the number of rows of each batched generate
+        self._stopping = False
         self._thread = threading.Thread(target=self._work, name="moerge-engine", daemon=True)
         self._thread.start()
 
@@ -135,19 +182,106 @@ class Engine:
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
+            arrived = [job, *self._waiting()]
+            live = [j for j in arrived if not j.cancelled.is_set()]
+            together = [j for j in live if self._batchable(j)]
+            if together:
+                self._answer(together, self.run_batch)
+            for single in (j for j in live if j not in together):
+                self._answer([single], lambda jobs: [self.run(jobs[0])])
+            with self._depth_lock:
+                self.depth -= len(arrived)
+            if self._stopping:
+                return
+
+    def _waiting(self) -> list[Job]:
+        """The jobs that arrived while the last ones ran (up to `max_batch` in all), without waiting."""
+        found: list[Job] = []
+        while len(found) < self.max_batch - 1:
             try:
-                if not job.cancelled.is_set():
-                    result = self.run(job)
-                    for observe in self.observers:
-                        observe(job, result)
-                    job.emit(DONE, result)
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._stopping = True
+                break
+            found.append(job)
+        return found
+
+    def _batchable(self, job: Job) -> bool:
+        return job.request.temperature == 0 and job.request.n == 1 and self.stack.accepts(job.model)
+
+    def _answer(self, jobs: list[Job], run: Any) -> None:
+        """Run `jobs`, then give each its result or its error (a server answers every request)."""
+        try:
+            results = run(jobs)
+        except ServeError as exc:
+            results = [exc] * len(jobs)
+        except Exception as exc:
+            failed = ServeError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error")
+            results = [failed] * len(jobs)
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, ServeError):
+                job.emit(ERROR, result)
+                continue
+            for observe in self.observers:
+                observe(job, result)
+            job.emit(DONE, result)
+
+    def run_batch(self, jobs: list[Job]) -> list[Result | ServeError]:
+        """Greedy answers for several jobs of `base` or plain LoRA experts in one batched generate."""
+        import torch
+
+        from moerge.data.prompts import pad_batch
+
+        started = time.perf_counter()
+        self.stack.ensure({j.model for j in jobs} - {BASE})
+        model, tokenizer = self.stack.model, self.stack.tokenizer
+        out: list[Result | ServeError] = []
+        prompts: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            try:
+                prompts[i] = self._checked_prompt(job, model, tokenizer, self._recorded(job.model))
+                out.append(ServeError(500, "not generated", kind="server_error"))
             except ServeError as exc:
-                job.emit(ERROR, exc)
-            except Exception as exc:  # a server answers every request, whatever breaks inside
-                job.emit(ERROR, ServeError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error"))
-            finally:
-                with self._depth_lock:
-                    self.depth -= 1
+                out.append(exc)
+        ready = [jobs[i] for i in prompts]
+        if not ready:
+            return out
+        rows = [TextStream(tokenizer, job.request.stops, _emitter(job)) for job in ready]
+        for row in rows:
+            row.prompt_seen = True
+        stream = BatchStream(rows, tokenizer.eos_token_id)
+        ids, mask = pad_batch(list(prompts.values()), tokenizer.pad_token_id)
+        device = next(model.parameters()).device
+        for observe in self.batch_observers:
+            observe(len(ready))
+        self.stack.select([job.model for job in ready])
+        try:
+            with torch.no_grad():
+                model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max(job.max_tokens for job in ready),
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    streamer=stream,
+                    stopping_criteria=[RowsDone(ready, stream)],
+                )
+        finally:
+            self.stack.release()
+        seconds = time.perf_counter() - started
+        for (i, prompt), row, ended in zip(prompts.items(), rows, stream.ended, strict=True):
+            choice = Choice(row.text, "stop" if row.stopped or ended else "length", len(row.ids))
+            out[i] = Result([choice], len(prompt), seconds)
+        return out
+
+    def _recorded(self, name: str) -> Any:
+        """The prompt format `name` was trained with (None for the base)."""
+        from moerge.library.expert import recorded_format
+
+        return None if name == BASE else recorded_format(self.pool.library.meta(name))
 
     def run(self, job: Job) -> Result:
         """Load the model, render the prompt in its format, generate `n` choices (streamed as deltas)."""
@@ -156,12 +290,7 @@ class Engine:
         started = time.perf_counter()
         loaded = self.pool.get(job.model)
         model, tokenizer = loaded.model, loaded.tokenizer
-        ids = self._prompt_ids(job, loaded)
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit and len(ids) + 1 > limit:
-            raise ServeError(
-                413, f"the prompt is {len(ids)} tokens; {job.model} reads at most {limit}", param="messages"
-            )
+        ids = self._checked_prompt(job, model, tokenizer, loaded.prompt_format)
         routing = getattr(getattr(model, "moerge_routing", None), "routing", None)
         if routing is not None:
             routing.start_recording()
@@ -172,11 +301,20 @@ class Engine:
         decision = _routing_summary(routing) if routing is not None else None
         return Result(choices, len(ids), time.perf_counter() - started, decision)
 
-    def _prompt_ids(self, job: Job, loaded: Any) -> list[int]:
-        tokenizer = loaded.tokenizer
+    def _checked_prompt(self, job: Job, model: Any, tokenizer: Any, recorded: Any) -> list[int]:
+        """The prompt's token ids in the model's format; a prompt longer than the model reads is a 413."""
+        ids = self._prompt_ids(job, tokenizer, recorded)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and len(ids) + 1 > limit:
+            raise ServeError(
+                413, f"the prompt is {len(ids)} tokens; {job.model} reads at most {limit}", param="messages"
+            )
+        return ids
+
+    def _prompt_ids(self, job: Job, tokenizer: Any, recorded: Any) -> list[int]:
         if isinstance(job.request, CompletionRequest):  # a completion prompt is literal text
             return tokenizer(job.request.text, add_special_tokens=True)["input_ids"]
-        fmt, _ = scoring_format(loaded.prompt_format)
+        fmt, _ = scoring_format(recorded)
         turns = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in job.request.messages
         ]
@@ -206,6 +344,10 @@ class Engine:
         new = out[0, len(ids) :].tolist()
         ended = stream.stopped or (bool(new) and new[-1] == tokenizer.eos_token_id)
         return Choice(stream.text, "stop" if ended else "length", len(new))
+
+
+def _emitter(job: Job, index: int = 0) -> Any:
+    return lambda text: job.emit(DELTA, index, text)
 
 
 def _routing_summary(routing: Any) -> dict[str, float]:
