@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -206,3 +209,50 @@ def test_an_expert_added_while_serving_is_served(served, tmp_path):
     ]
     assert answers[0] == answers[1]
     library.remove("parity-copy")
+
+
+def test_explain_gives_each_generated_token_its_experts(served):
+    url, _, _ = served
+    body = {
+        "model": "arrow",
+        "messages": [{"role": "user", "content": "2+2="}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "moerge": {"explain": True},
+    }
+    status, raw = _http(f"{url}/v1/chat/completions", body)
+    reply = json.loads(raw)
+    assert status == 200
+    (tokens,) = reply["moerge"]["tokens"]
+    assert "".join(t["text"] for t in tokens).startswith(reply["choices"][0]["message"]["content"][:1])
+    assert all(set(t["weights"]) == {"parity", "add"} for t in tokens)
+    assert all(abs(sum(t["weights"].values()) - 1) < 1e-3 for t in tokens)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium package is not installed (.ci/run installs it)")
+def test_page_lists_models_and_colours_a_routed_answer_offline(served, tmp_path):
+    url, _, _ = served
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=20000",
+    ]
+    page = f"{url}/?model=arrow&prompt=2%2B2%3D#key={KEY}"
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", page],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HOME": str(tmp_path)},
+    ).stdout
+    assert "<td>parity</td>" in dom and "<td>arrow</td>" in dom  # the models table
+    assert 'class="tok"' in dom and 'data-expert="' in dom  # tokens coloured by their expert

@@ -26,6 +26,7 @@ class Routing:
         self._cache: dict[str, torch.Tensor] = {}
         self._example: torch.Tensor | None = None
         self.records: dict[str, list[torch.Tensor]] | None = None
+        self.token_records: list[dict[str, torch.Tensor]] | None = None
         for layer in handle.layers.values():
             layer.merge = policy.aggregation == "merge"
         handle.set_weight_fn(self.weights)
@@ -46,12 +47,17 @@ class Routing:
         experts = len(self.handle.expert_names)
         return added, added * self.policy.max_experts(experts) // max(experts, 1)
 
-    def start_recording(self) -> None:
-        """Keep each forward's per-example weights [b, K] per module (for `route explain`)."""
+    def start_recording(self, *, per_token: bool = False) -> None:
+        """Keep each forward's per-example weights [b, K] per module (for `route explain`); with
+        `per_token`, also each generated token's weights [b, K] per module (`token_records`, one
+        mapping per decoding step), for showing which expert carried which token."""
         self.records = defaultdict(list)
+        self.token_records = [] if per_token else None
 
     def _new_step(self, step: Step) -> None:
         self._step = step
+        if self.token_records is not None and not step.prefill:
+            self.token_records.append({})
         if step.prefill:
             self._cache.clear()
             self._example = self.router.example_scores(step)
@@ -61,6 +67,7 @@ class Routing:
         if step is not self._step:
             self._new_step(step)
         if module in self._cache:
+            self._record_token(module, self._cache[module])
             return self._cache[module]
         token = self.router.token_scores(module, x)
         example = self._example
@@ -69,6 +76,7 @@ class Routing:
             weights = self.policy.select(scores)
             if self.records is not None and step.prefill:
                 self._record(module, pool_examples(weights, step.mask))
+            self._record_token(module, weights[:, -1])
             return weights
         if token is not None:
             pooled = pool_examples(token, step.mask)
@@ -85,3 +93,8 @@ class Routing:
 
     def _record(self, module: str, weights: torch.Tensor) -> None:
         self.records[module].append(weights.detach().float().cpu())
+
+    def _record_token(self, module: str, weights: torch.Tensor) -> None:
+        """A decoding step's weights [b, K] of `module` (the example's own, under example routing)."""
+        if self.token_records and not self._step.prefill:
+            self.token_records[-1][module] = weights.detach().float().cpu()

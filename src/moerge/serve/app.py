@@ -17,16 +17,17 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from moerge.serve.engine import DELTA, DONE, ERROR, Engine, Job, Result
 from moerge.serve.models import ModelPool
+from moerge.serve.page import PAGE
 from moerge.serve.schemas import ChatRequest, CompletionRequest, ServeError
 
-OPEN_PATHS = ("/health", "/metrics")
+OPEN_PATHS = ("/", "/health", "/metrics")  # the page asks for the key itself
 
 
 class Metrics:
@@ -100,6 +101,10 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, max_tokens: int =
     @app.exception_handler(Exception)
     async def any_error(request: Request, exc: Exception) -> JSONResponse:
         return _error(ServeError(500, f"{type(exc).__name__}: {exc}", kind="server_error"))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return PAGE
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -247,6 +252,8 @@ class Reply:
         body["usage"] = usage
         if result.routing is not None:
             body["moerge"] = {"routing": result.routing}
+            if result.choices[0].explained is not None:  # per choice, per generated token
+                body["moerge"]["tokens"] = [c.explained for c in result.choices]
         return body
 
 

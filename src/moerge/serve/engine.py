@@ -46,6 +46,7 @@ class Choice:
     text: str
     finish_reason: str
     tokens: int
+    explained: list[dict[str, Any]] | None = None  # per generated token: its text and experts' weights
 
 
 @dataclass
@@ -292,13 +293,21 @@ class Engine:
         model, tokenizer = loaded.model, loaded.tokenizer
         ids = self._checked_prompt(job, model, tokenizer, loaded.prompt_format)
         routing = getattr(getattr(model, "moerge_routing", None), "routing", None)
-        if routing is not None:
-            routing.start_recording()
         request = job.request
+        explain = routing is not None and bool(request.moerge.get("explain"))
         if request.seed is not None:
             torch.manual_seed(request.seed)
-        choices = [self._generate(job, model, tokenizer, ids, index) for index in range(request.n)]
-        decision = _routing_summary(routing) if routing is not None else None
+        choices, decision = [], None
+        for index in range(request.n):
+            if routing is not None:
+                routing.start_recording(per_token=explain)
+            choice, new = self._generate(job, model, tokenizer, ids, index)
+            if routing is not None:
+                summary = _routing_summary(routing)
+                decision = decision or summary
+                if explain:
+                    choice.explained = _token_routing(routing, tokenizer, new, summary)
+            choices.append(choice)
         return Result(choices, len(ids), time.perf_counter() - started, decision)
 
     def _checked_prompt(self, job: Job, model: Any, tokenizer: Any, recorded: Any) -> list[int]:
@@ -323,7 +332,7 @@ class Engine:
         except ValueError as exc:
             raise ServeError(400, str(exc), param="messages") from None
 
-    def _generate(self, job: Job, model: Any, tokenizer: Any, ids: list[int], index: int) -> Choice:
+    def _generate(self, job: Job, model: Any, tokenizer: Any, ids: list[int], index: int) -> tuple[Choice, list[int]]:
         import torch
 
         request = job.request
@@ -343,11 +352,30 @@ class Engine:
             )
         new = out[0, len(ids) :].tolist()
         ended = stream.stopped or (bool(new) and new[-1] == tokenizer.eos_token_id)
-        return Choice(stream.text, "stop" if ended else "length", len(new))
+        return Choice(stream.text, "stop" if ended else "length", len(new)), new
 
 
 def _emitter(job: Job, index: int = 0) -> Any:
     return lambda text: job.emit(DELTA, index, text)
+
+
+def _token_routing(routing: Any, tokenizer: Any, new: list[int], first: dict[str, float]) -> list[dict[str, Any]]:
+    """Each generated token's text and the weights of the forward pass that produced it: the prompt's
+    for the first token, then each decoding step's, averaged over layers."""
+    import torch
+
+    names = routing.handle.expert_names
+    steps = routing.token_records or []
+    routing.token_records = None
+    out = []
+    for i, token in enumerate(t for t in new if t != tokenizer.eos_token_id):
+        if i == 0 or i - 1 >= len(steps) or not steps[i - 1]:
+            weights = first
+        else:
+            mean = torch.stack([w[0] for w in steps[i - 1].values()]).mean(0).tolist()
+            weights = {name: round(w, 4) for name, w in zip(names, mean, strict=True)}
+        out.append({"text": tokenizer.decode([token]), "weights": weights})
+    return out
 
 
 def _routing_summary(routing: Any) -> dict[str, float]:
