@@ -256,3 +256,52 @@ def test_page_lists_models_and_colours_a_routed_answer_offline(served, tmp_path)
     ).stdout
     assert "<td>parity</td>" in dom and "<td>arrow</td>" in dom  # the models table
     assert 'class="tok"' in dom and 'data-expert="' in dom  # tokens coloured by their expert
+
+
+def test_32_concurrent_clients_mixed_models_and_streams_all_answered(served):
+    url, _, _ = served
+    client = _client(url)
+    models = ["base", "parity", "add", "arrow", "auto"]
+
+    def ask(i: int) -> str:
+        options = {"model": models[i % len(models)], "messages": [{"role": "user", "content": f"q{i}"}]}
+        options.update(max_tokens=4, temperature=0 if i % 3 else 0.7, seed=i)
+        if i % 2:
+            chunks = list(client.chat.completions.create(**options, stream=True))
+            return chunks[-1].choices[0].finish_reason
+        return client.chat.completions.create(**options).choices[0].finish_reason
+
+    with ThreadPoolExecutor(32) as pool:
+        reasons = list(pool.map(ask, range(32)))
+    assert all(reason in ("stop", "length") for reason in reasons)
+    status, raw = _http(f"{url}/health", key=None)
+    assert status == 200 and json.loads(raw)["queue_depth"] == 0
+
+
+def test_a_client_that_leaves_stops_its_generation(tiny_base):
+    """The engine stops a job's generation at the next token once its client is gone."""
+    import asyncio
+
+    from moerge.serve.engine import DELTA, DONE, Engine, Job
+    from moerge.serve.schemas import ChatRequest
+
+    engine = Engine(ModelPool(base=str(tiny_base)))
+
+    async def leave_after_first_text() -> tuple[int, int]:
+        request = ChatRequest(model="base", messages=[{"role": "user", "content": "go"}], temperature=0.7, seed=0)
+        job = Job("base", request, 200, asyncio.get_running_loop())
+        engine.submit(job)
+        deltas = 0
+        while True:
+            kind, *payload = await job.events.get()
+            if kind == DELTA:
+                deltas += 1
+                job.cancelled.set()  # what the HTTP side does when the client disconnects
+            elif kind == DONE:
+                return deltas, payload[0].choices[0].tokens
+
+    try:
+        deltas, tokens = asyncio.run(leave_after_first_text())
+    finally:
+        engine.close()
+    assert deltas >= 1 and tokens < 20  # stopped within a token or two of leaving, not after 200
