@@ -68,3 +68,33 @@ def test_bad_serve_options_are_one_line(tiny_base, args, message):
     )
     assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_export_vllm_prints_the_launch_command(tiny_base, tmp_path):
+    import shlex
+
+    from helpers import parity_rows, write_task
+    from moerge.library import ExpertLibrary
+    from moerge.recipes.train import train_expert
+    from moerge.train.config import TrainConfig
+
+    library = ExpertLibrary.create(tmp_path / "lib")
+    task = write_task(tmp_path / "parity.jsonl", parity_rows(20))
+    for name, rank in (("small", 4), ("wide", 12)):
+        cfg = TrainConfig(
+            base=str(tiny_base), task=task, steps=1, batch_size=2, max_length=32, rank=rank, eval_split=None
+        )
+        train_expert(cfg, tmp_path / name, progress=False)
+        library.add(tmp_path / name, name=name)
+    result = subprocess.run(
+        [sys.executable, "-m", "moerge.cli", "serve", "--library", str(tmp_path / "lib"), "--export-vllm"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    args = shlex.split(result.stdout)
+    assert args[:3] == ["vllm", "serve", str(tiny_base)] and "--enable-lora" in args
+    assert args[args.index("--max-lora-rank") + 1] == "16" and args[args.index("--max-loras") + 1] == "2"
+    modules = args[args.index("--lora-modules") + 1 :]
+    assert modules == [f"small={library.path('small')}", f"wide={library.path('wide')}"]

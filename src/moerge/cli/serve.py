@@ -29,6 +29,9 @@ def serve(
     max_tokens: int = typer.Option(512, "--max-tokens", help="cap on any request's max_tokens"),
     max_queue: int = typer.Option(64, "--max-queue", help="requests queued or running before new ones get 429"),
     max_loaded: int = typer.Option(4, "--max-loaded-experts", help="models kept loaded (least recently used go)"),
+    export_vllm: bool = typer.Option(
+        False, "--export-vllm", help="print the `vllm serve` command serving the library's experts under their names"
+    ),
 ) -> None:
     """Serve base, experts and routers with the OpenAI API: POST /v1/chat/completions and /v1/completions
     (streaming too), GET /v1/models, /health and /metrics (Prometheus).
@@ -47,6 +50,9 @@ def serve(
     if auto is not None and auto not in routers:
         raise MoergeError(f"--auto: {auto!r} is not a served router (served: {', '.join(routers) or 'none'})")
     lib = _library(library)
+    if export_vllm:
+        _print_vllm(lib, base or _recorded_base(lib, routers))
+        return
     pool = ModelPool(
         base=base or _recorded_base(lib, routers),
         library=lib,
@@ -59,6 +65,17 @@ def serve(
     shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
     console.print(f"moerge serve: http://{host}:{port}/v1 (base {pool.base}); models: {shown}", markup=False)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _print_vllm(library, base: str) -> None:
+    from moerge.serve.vllm import vllm_command
+
+    if library is None:
+        raise MoergeError("--export-vllm: needs --library (the experts to serve)")
+    command, skipped = vllm_command(library, base)
+    for line in skipped:
+        console.print(f"left out: {line}", markup=False)
+    print(command)
 
 
 def _routers(given: list[str]) -> dict[str, Path]:
