@@ -145,6 +145,10 @@ def test_prompt_formats_train_score_and_mark_mismatches(tmp_path, tiny_base):
     assert merged.provenance["prompt_formats"] == {"parity": "raw", "colour": "plain"}
     report = (tmp_path / "out" / "report.md").read_text()
     assert "†" in report and "linear on parity: experts were trained with different prompt formats" in report
+    from moerge.recipes.compare import best_router  # what `serve --from-compare` serves as `auto`
+
+    name, folder = best_router(tmp_path / "out")
+    assert name == "arrow" and folder.parent == tmp_path / "out" / "routers" and (folder / "config.json").is_file()
     # told otherwise: every strategy is scored in the override, and says so where it differs
     forced = _load(tmp_path, {**raw, "strategies": ["base", "oracle"], "override_prompt_format": "moerge"})
     rows = {r["strategy"]: r for r in run_compare(forced, tmp_path / "out", progress=False)["rows"]}

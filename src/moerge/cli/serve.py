@@ -21,6 +21,9 @@ def serve(
         None, "--router", help="router folder to serve, as NAME=FOLDER or FOLDER (named by the folder); repeatable"
     ),
     auto: str | None = typer.Option(None, "--auto", help="the router `model: auto` uses (default: the first --router)"),
+    from_compare: Path | None = typer.Option(
+        None, "--from-compare", help="a `moerge compare --out` folder: serve its best router (held-out) as `auto`"
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
     port: int = typer.Option(8000, "--port", help="port to listen on"),
     api_key_env: str | None = typer.Option(
@@ -47,6 +50,12 @@ def serve(
 
     at_least(1, port=port, max_tokens=max_tokens, max_queue=max_queue, max_loaded_experts=max_loaded)
     routers = _routers(router or [])
+    if from_compare is not None:
+        from moerge.recipes.compare import best_router
+
+        name, folder = best_router(from_compare)
+        routers[name] = folder
+        auto = auto or name
     if auto is not None and auto not in routers:
         raise MoergeError(f"--auto: {auto!r} is not a served router (served: {', '.join(routers) or 'none'})")
     lib = _library(library)

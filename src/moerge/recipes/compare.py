@@ -387,6 +387,35 @@ def claim_out(out: Path, library: str) -> None:
         )
 
 
+def best_router(out: Path) -> tuple[str, Path]:
+    """The router a compare output found best for unseen inputs — the highest held-out mean (held-in
+    when it had no held-out tasks) among its router strategies — and that router's folder: the one the
+    compare built (`routers/<name>-<digest>`) or the `path` its recipe named."""
+    from moerge.paths import parse_json
+
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        raise MoergeError(f"{path}: not found (is {out} a `moerge compare --out` folder?)")
+    results = parse_json(path.read_bytes(), path)
+    rows = [r for r in results.get("rows", []) if r.get("kind") == "router"]
+    if not rows:
+        raise MoergeError(f"{path}: the comparison has no router strategy")
+
+    def score(row: dict[str, Any]) -> float:
+        group = row.get("held_out") or row.get("held_in") or {}
+        return group.get("mean") if group.get("mean") is not None else float("-inf")
+
+    best = max(rows, key=score)["strategy"]
+    given = next(
+        (s.get("path") for s in results.get("recipe", {}).get("strategies", []) if s.get("name") == best), None
+    )
+    built = sorted((Path(out) / "routers").glob(f"{best}-*"))
+    folder = Path(given) if given else built[-1] if built else None
+    if folder is None or not (folder / "config.json").is_file():
+        raise MoergeError(f"{out}: the best router {best!r} has no folder under routers/ (was the output moved?)")
+    return best, folder
+
+
 def run_compare(config: CompareConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
     """Prepare experts, evaluate every strategy, write results.json/.csv, report.md and report.html."""
     from moerge.recipes.report import summarise_results, write_reports
