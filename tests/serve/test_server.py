@@ -305,3 +305,50 @@ def test_a_client_that_leaves_stops_its_generation(tiny_base):
     finally:
         engine.close()
     assert deltas >= 1 and tokens < 20  # stopped within a token or two of leaving, not after 200
+
+
+def _start(app) -> tuple[str, uvicorn.Server]:
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server
+
+
+def test_proxy_mode_routes_auto_here_and_generates_upstream(served, tmp_path):
+    from moerge.errors import MoergeError
+    from moerge.serve.proxy import Upstream, check_example_level
+
+    upstream_url, library, base = served
+    centroid = build_router("centroid", {n: library.path(n) for n in ("parity", "add")}, tmp_path / "c", base=base)
+    pool = ModelPool(base=str(base), library=library, routers={"centroid": centroid}, auto="centroid")
+    check_example_level(pool)
+    tokenwise = ModelPool(base=str(base), routers={"arrow": tmp_path / "arrow"})
+    build_router("arrow", {n: library.path(n) for n in ("parity", "add")}, tmp_path / "arrow", base=base)
+    with pytest.raises(MoergeError, match="routes per token"):
+        check_example_level(tokenwise)
+    url, server = _start(create_app(pool, upstream=Upstream(f"{upstream_url}/v1", pool, KEY)))
+    try:
+        proxy, direct = _client(url, "unused"), _client(upstream_url)
+        messages = [{"role": "user", "content": "Is 3 even?"}]
+        ask = {"messages": messages, "max_tokens": 6, "temperature": 0}
+        routed = proxy.chat.completions.create(model="auto", **ask)
+        expert = routed.model_extra["moerge"]["routed_to"]
+        assert expert in ("parity", "add") and set(routed.model_extra["moerge"]["routing"]) == {"parity", "add"}
+        same = direct.chat.completions.create(model=expert, **ask)
+        assert routed.choices[0].message.content == same.choices[0].message.content
+        chunks = list(proxy.chat.completions.create(model="parity", stream=True, **ask))
+        whole = direct.chat.completions.create(model="parity", **ask).choices[0].message.content
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
+        with pytest.raises(openai.NotFoundError):  # the upstream's own error, relayed
+            proxy.chat.completions.create(model="nope", **ask)
+    finally:
+        server.should_exit = True
+    dead = ModelPool(base=str(base))
+    url, server = _start(create_app(dead, upstream=Upstream(f"http://127.0.0.1:{_free_port()}/v1", dead)))
+    try:
+        status, raw = _http(f"{url}/v1/chat/completions", {"model": "base", "messages": messages}, key=None)
+        assert status == 502 and "did not answer" in json.loads(raw)["error"]["message"]
+    finally:
+        server.should_exit = True

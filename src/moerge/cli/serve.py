@@ -32,6 +32,14 @@ def serve(
     max_tokens: int = typer.Option(512, "--max-tokens", help="cap on any request's max_tokens"),
     max_queue: int = typer.Option(64, "--max-queue", help="requests queued or running before new ones get 429"),
     max_loaded: int = typer.Option(4, "--max-loaded-experts", help="models kept loaded (least recently used go)"),
+    upstream: str | None = typer.Option(
+        None,
+        "--upstream",
+        help="proxy mode: forward generation to this OpenAI-compatible engine (…/v1) serving the experts by name",
+    ),
+    upstream_key_env: str | None = typer.Option(
+        None, "--upstream-key-env", help="environment variable holding the upstream engine's API key"
+    ),
     export_vllm: bool = typer.Option(
         False, "--export-vllm", help="print the `vllm serve` command serving the library's experts under their names"
     ),
@@ -69,10 +77,18 @@ def serve(
         auto=auto or next(iter(routers), None),
         max_loaded=max_loaded,
     )
-    app = create_app(pool, api_key=_api_key(api_key_env), max_tokens=max_tokens, max_queue=max_queue)
+    proxy = None
+    if upstream is not None:
+        from moerge.serve.proxy import Upstream, check_example_level
+
+        check_example_level(pool)
+        proxy = Upstream(upstream, pool, _api_key(upstream_key_env, "--upstream-key-env"))
+    key = _api_key(api_key_env)
+    app = create_app(pool, api_key=key, max_tokens=max_tokens, max_queue=max_queue, upstream=proxy)
     names = pool.names()
     shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
-    console.print(f"moerge serve: http://{host}:{port}/v1 (base {pool.base}); models: {shown}", markup=False)
+    mode = f"generation by {upstream}" if upstream else f"base {pool.base}"
+    console.print(f"moerge serve: http://{host}:{port}/v1 ({mode}); models: {shown}", markup=False)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
@@ -120,10 +136,10 @@ def _recorded_base(library, routers: dict[str, Path]) -> str:
     raise MoergeError("--base: missing (no library expert or router records its base)")
 
 
-def _api_key(variable: str | None) -> str | None:
+def _api_key(variable: str | None, flag: str = "--api-key-env") -> str | None:
     if variable is None:
         return None
     key = os.environ.get(variable, "")
     if not key:
-        raise MoergeError(f"--api-key-env: environment variable {variable} is not set or empty")
+        raise MoergeError(f"{flag}: environment variable {variable} is not set or empty")
     return key

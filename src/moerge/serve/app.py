@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from moerge.serve.engine import DELTA, DONE, ERROR, Engine, Job, Result
 from moerge.serve.models import ModelPool
 from moerge.serve.page import PAGE
+from moerge.serve.proxy import Upstream
 from moerge.serve.schemas import ChatRequest, CompletionRequest, ServeError
 
 OPEN_PATHS = ("/", "/health", "/metrics")  # the page asks for the key itself
@@ -64,9 +65,17 @@ class Metrics:
                 self.expert_requests.labels(expert).inc()
 
 
-def create_app(pool: ModelPool, *, api_key: str | None = None, max_tokens: int = 512, max_queue: int = 64) -> FastAPI:
+def create_app(
+    pool: ModelPool,
+    *,
+    api_key: str | None = None,
+    max_tokens: int = 512,
+    max_queue: int = 64,
+    upstream: Upstream | None = None,
+) -> FastAPI:
     """The server over `pool`: `max_tokens` caps every request's length, `max_queue` the requests
-    waiting or running (more are refused with 429)."""
+    waiting or running (more are refused with 429); with `upstream`, generation is forwarded there
+    (proxy mode, `moerge.serve.proxy`) after `auto` is routed locally."""
     engine = Engine(pool, max_queue=max_queue)
     metrics = Metrics(engine)
     engine.observers.append(metrics.record)
@@ -127,7 +136,9 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, max_tokens: int =
         return await _answer(request, CompletionRequest, "text_completion")
 
     async def _answer(request: Request, model: type[BaseModel], kind: str) -> Response:
-        body = await _parse(request, model)
+        raw, body = await _parse(request, model)
+        if upstream is not None:
+            return await _forward(upstream, request.url.path.removeprefix("/v1"), raw, body)
         name = pool.resolve(body.model)
         job = Job(name, body, body.token_limit(max_tokens), asyncio.get_running_loop())
         engine.submit(job)
@@ -145,6 +156,23 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, max_tokens: int =
         metrics.requests.labels(body.model, "200").inc()
         return JSONResponse(reply.body(result))
 
+    async def _forward(upstream: Upstream, path: str, raw: dict[str, Any], body: Any) -> Response:
+        """Proxy mode: route `auto` here, let the upstream engine generate, relay its answer."""
+        target, weights = await asyncio.to_thread(upstream.target, body)
+        payload = {k: v for k, v in raw.items() if k not in ("moerge", "max_completion_tokens")}
+        payload.update(model=target, max_tokens=body.token_limit(max_tokens))
+        if body.stream:
+            status, lines = await upstream.stream(path, payload)
+            metrics.requests.labels(body.model, str(status)).inc()
+            if status != 200:
+                return JSONResponse(lines, status_code=status)
+            return StreamingResponse(lines, media_type="text/event-stream")
+        status, reply = await asyncio.to_thread(upstream.post, path, payload)
+        metrics.requests.labels(body.model, str(status)).inc()
+        if status == 200 and weights is not None:
+            reply["moerge"] = {"routing": weights, "routed_to": target}
+        return JSONResponse(reply, status_code=status)
+
     return app
 
 
@@ -160,14 +188,14 @@ async def _counted(events: AsyncIterator[str], metrics: Metrics, model: str) -> 
         metrics.requests.labels(model, status).inc()
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    """The JSON body as `model`; anything else is a 400 naming the field."""
+async def _parse(request: Request, model: type[BaseModel]) -> tuple[Any, Any]:
+    """(the JSON body, the body as `model`); anything else is a 400 naming the field."""
     try:
         raw = await request.json()
     except (ValueError, UnicodeDecodeError):
         raise ServeError(400, "the body is not valid JSON") from None
     try:
-        return model.model_validate(raw)
+        return raw, model.model_validate(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
         field = ".".join(str(part) for part in error["loc"]) or None
