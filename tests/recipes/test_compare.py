@@ -165,3 +165,15 @@ def test_out_holding_other_files_is_refused_before_any_work(tmp_path, tiny_base)
     with pytest.raises(MoergeError, match=r"out: --out holds 'thesis.tex', which a compare does not write"):
         run_compare(recipe, out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"] and not (tmp_path / "lib").exists()
+
+
+def test_demo_prints_the_command_that_serves_its_library(tmp_path, tiny_base, capsys):
+    from moerge.recipes.demo import run_demo
+
+    raw = _recipe(tmp_path, tiny_base, ["base", "arrow"])
+    raw["forgetting"] = {}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run_demo(path, tmp_path / "out")
+    printed = capsys.readouterr().out
+    assert f"serve its experts: moerge serve --library {tmp_path / 'lib'} --from-compare {tmp_path / 'out'}" in printed

@@ -29,4 +29,7 @@ def run_demo(recipe_path: Path | None, out: Path) -> dict[str, Any]:
     console.print(experts_table(results).to_rich())
     console.print(results_table(results).to_rich())
     console.print(f"report: {(out / 'report.html').resolve()}")
+    routed = any(row["kind"] == "router" for row in results["rows"])
+    serve = f"moerge serve --library {recipe.library}" + (f" --from-compare {out.resolve()}" if routed else "")
+    console.print(f"serve its experts: {serve}", markup=False, soft_wrap=True)
     return results
