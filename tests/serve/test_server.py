@@ -27,6 +27,7 @@ from moerge.library.loading import load_model
 from moerge.recipes.train import train_expert
 from moerge.route import build_router
 from moerge.serve import ModelPool, create_app
+from moerge.serve.schemas import ServeError
 from moerge.train.config import TrainConfig
 
 KEY = "s3cret"
@@ -352,3 +353,28 @@ def test_proxy_mode_routes_auto_here_and_generates_upstream(served, tmp_path):
         assert status == 502 and "did not answer" in json.loads(raw)["error"]["message"]
     finally:
         server.should_exit = True
+
+
+def test_a_full_queue_is_a_429(tiny_base):
+    import asyncio
+
+    from moerge.serve.engine import Engine, Job
+    from moerge.serve.schemas import ChatRequest
+
+    engine = Engine(ModelPool(base=str(tiny_base)), max_queue=1)
+
+    async def two_at_once() -> ServeError:
+        request = ChatRequest(model="base", messages=[{"role": "user", "content": "go"}])
+        first = Job("base", request, 4, asyncio.get_running_loop())
+        engine.submit(first)  # queued or running until it is answered
+        with pytest.raises(ServeError) as refused:
+            engine.submit(Job("base", request, 4, asyncio.get_running_loop()))
+        while (await first.events.get())[0] != "done":
+            pass
+        return refused.value
+
+    try:
+        refused = asyncio.run(two_at_once())
+    finally:
+        engine.close()
+    assert refused.status == 429 and refused.kind == "rate_limit_error"

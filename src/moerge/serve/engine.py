@@ -38,7 +38,10 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, kind: str, *payload: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, *payload))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, *payload))
+        except RuntimeError:  # its event loop is closed: nobody is listening any more
+            self.cancelled.set()
 
 
 @dataclass
