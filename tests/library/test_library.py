@@ -243,3 +243,22 @@ def test_prompt_format_survives_add_export_and_a_new_library(lib, adapter, tmp_p
     assert recorded_format(lib.meta("imp")) == "unknown"
     lib.add(make_expert(tmp_path / "plain", adapter, name="plain", prompt_format=PLAIN), name="plain")
     assert recorded_format(lib.meta("plain")) == PLAIN
+
+
+def test_remove_leaves_a_folder_that_is_not_a_registered_expert(lib, tmp_path) -> None:
+    mine = Path(lib.root) / "userstuff"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(MoergeError, match="not a registered expert: left alone"):
+        lib.remove("userstuff")
+    assert (mine / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("listed", ["../other/payload", "/etc/passwd", "a/../../b", "C:/x"])
+def test_moerge_json_listing_files_outside_the_folder_is_refused(adapter, tmp_path, listed) -> None:
+    folder = make_expert(tmp_path / "e", adapter, name="e")
+    meta = json.loads((folder / "moerge.json").read_text())
+    meta["files"][listed] = "0" * 64
+    (folder / "moerge.json").write_text(json.dumps(meta))
+    with pytest.raises(MoergeError, match=r"files: .*is not a path inside the expert folder"):
+        read_expert_meta(folder)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moerge._version import __version__
 from moerge.data.formats import MOERGE, UNKNOWN, PromptFormat, Recorded
@@ -62,6 +62,17 @@ class ExpertMeta(BaseModel):
     moerge_version: str = "unknown"
     created: float = Field(default_factory=time.time)
     files: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("files")
+    @classmethod
+    def _inside_the_folder(cls, files: dict[str, str]) -> dict[str, str]:
+        """Every listed file is a relative path inside the expert folder: a `..` or absolute entry would
+        let a crafted moerge.json make export or hashing reach files outside it."""
+        for rel in files:
+            parts = PurePosixPath(rel).parts
+            if not parts or rel.startswith("/") or "\\" in rel or ".." in parts or ":" in parts[0]:
+                raise ValueError(f"{rel!r} is not a path inside the expert folder")
+        return files
 
 
 def recorded_format(meta: ExpertMeta) -> Recorded:

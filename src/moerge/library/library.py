@@ -500,8 +500,13 @@ class ExpertLibrary:
         with self._lock:
             self._recover()
             self._remove_stale_temps()
-            if self.catalog.get(name) is None and not self.fs.exists(self._p(name)):
-                raise MoergeError(f"{self.url}: no expert named {name!r} (see `moerge library list`)")
+            if self.catalog.get(name) is None:  # only what the library registered: never a folder of yours
+                hint = (
+                    " (a folder of that name is not a registered expert: left alone)"
+                    if self.fs.exists(self._p(name))
+                    else ""
+                )
+                raise MoergeError(f"{self.url}: no expert named {name!r}{hint} (see `moerge library list`)")
             self._swap(name, None, None)
 
     def export(self, name: str, dest: str | Path, *, peft_only: bool = False) -> Path:
