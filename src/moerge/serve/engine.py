@@ -306,7 +306,7 @@ class Engine:
                 routing.start_recording(per_token=explain)
             choice, new = self._generate(job, model, tokenizer, ids, index)
             if routing is not None:
-                summary = _routing_summary(routing)
+                summary = routing_summary(routing)
                 decision = decision or summary
                 if explain:
                     choice.explained = _token_routing(routing, tokenizer, new, summary)
@@ -315,7 +315,7 @@ class Engine:
 
     def _checked_prompt(self, job: Job, model: Any, tokenizer: Any, recorded: Any) -> list[int]:
         """The prompt's token ids in the model's format; a prompt longer than the model reads is a 413."""
-        ids = self._prompt_ids(job, tokenizer, recorded)
+        ids = request_prompt_ids(job.request, tokenizer, recorded)
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit and len(ids) + 1 > limit:
             raise ServeError(
@@ -323,23 +323,11 @@ class Engine:
             )
         return ids
 
-    def _prompt_ids(self, job: Job, tokenizer: Any, recorded: Any) -> list[int]:
-        if isinstance(job.request, CompletionRequest):  # a completion prompt is literal text
-            return tokenizer(job.request.text, add_special_tokens=True)["input_ids"]
-        fmt, _ = scoring_format(recorded)
-        turns = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in job.request.messages
-        ]
-        try:
-            return chat_prompt_ids(tokenizer, turns, fmt)
-        except ValueError as exc:
-            raise ServeError(400, str(exc), param="messages") from None
-
     def _generate(self, job: Job, model: Any, tokenizer: Any, ids: list[int], index: int) -> tuple[Choice, list[int]]:
         import torch
 
         request = job.request
-        stream = TextStream(tokenizer, request.stops, lambda text: job.emit(DELTA, index, text))
+        stream = TextStream(tokenizer, request.stops, _emitter(job, index))
         sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
         device = next(model.parameters()).device
         with torch.no_grad():
@@ -356,6 +344,19 @@ class Engine:
         new = out[0, len(ids) :].tolist()
         ended = stream.stopped or (bool(new) and new[-1] == tokenizer.eos_token_id)
         return Choice(stream.text, "stop" if ended else "length", len(new)), new
+
+
+def request_prompt_ids(request: ChatRequest | CompletionRequest, tokenizer: Any, recorded: Any) -> list[int]:
+    """A request's prompt ids: a completion prompt is literal text; chat turns are rendered in the format
+    the model was trained with (`recorded`)."""
+    if isinstance(request, CompletionRequest):
+        return tokenizer(request.text, add_special_tokens=True)["input_ids"]
+    fmt, _ = scoring_format(recorded)
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in request.messages]
+    try:
+        return chat_prompt_ids(tokenizer, turns, fmt)
+    except ValueError as exc:
+        raise ServeError(400, str(exc), param="messages") from None
 
 
 def _emitter(job: Job, index: int = 0) -> Any:
@@ -381,7 +382,7 @@ def _token_routing(routing: Any, tokenizer: Any, new: list[int], first: dict[str
     return out
 
 
-def _routing_summary(routing: Any) -> dict[str, float]:
+def routing_summary(routing: Any) -> dict[str, float]:
     """Mean routing weight of each expert over the prompt's tokens and the layers."""
     import torch
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from moerge.errors import MoergeError
 from moerge.serve.models import AUTO, ModelPool
-from moerge.serve.schemas import ChatRequest, ServeError
+from moerge.serve.schemas import ServeError
 
 _END = object()
 
@@ -60,22 +60,15 @@ class Upstream:
         """The router's per-example weights for the request's prompt (one forward of the prompt)."""
         import torch
 
-        from moerge.data.formats import scoring_format
-        from moerge.data.prompts import chat_prompt_ids
-        from moerge.serve.engine import _routing_summary
+        from moerge.serve.engine import request_prompt_ids, routing_summary
 
         loaded = self.pool.get(router)
-        fmt, _ = scoring_format(loaded.prompt_format)
-        if isinstance(body, ChatRequest):
-            turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
-            ids = chat_prompt_ids(loaded.tokenizer, turns, fmt)
-        else:
-            ids = loaded.tokenizer(body.text, add_special_tokens=True)["input_ids"]
+        ids = request_prompt_ids(body, loaded.tokenizer, loaded.prompt_format)
         routing = loaded.model.moerge_routing.routing
         routing.start_recording()
         with torch.no_grad():
             loaded.model(input_ids=torch.tensor([ids]))
-        return _routing_summary(routing)
+        return routing_summary(routing)
 
     def _request(self, path: str, payload: dict[str, Any]) -> urllib.request.Request:
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
