@@ -82,6 +82,22 @@ def test_data_show_counts_are_refused(args: list[str], flag: str, parity_task: s
     assert_refused(moerge(*(a.format(task=parity_task) for a in args)), flag)
 
 
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--port", "0"], "--port"),
+        (["--max-tokens", "0"], "--max-tokens"),
+        (["--router", "{folder}"], "--router"),
+        (["--auto", "nope"], "--auto"),
+        (["--api-key-env", "MOERGE_FAULTS_UNSET"], "--api-key-env"),
+        (["--prompt-format", "x"], "no such option"),
+    ],
+)
+def test_serve_options_are_refused_before_serving(args: list[str], flag: str, tiny_base: Path, tmp_path: Path) -> None:
+    with unchanged(tmp_path):
+        assert_refused(moerge("serve", "--base", tiny_base, *(a.format(folder=tmp_path) for a in args)), flag)
+
+
 def test_route_explain_limit_is_refused(tmp_path: Path, parity_task: str) -> None:
     assert_refused(moerge("route", "explain", "--router", tmp_path, "--task", parity_task, "--limit", "0"), "--limit")
 
