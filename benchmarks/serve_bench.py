@@ -8,11 +8,13 @@ each send R chat completions (temperature 0, max_tokens M, one fixed prompt) for
 expert, one after another; the same request list drives every variant:
 
   a  moerge serve in this process (ModelPool + create_app on uvicorn, a free localhost port), `openai`
-     client threads over HTTP.
+     client threads over HTTP. Its engine batches continuously: a request joins the running batch at
+     the next decoding step and leaves it when its answer ends.
   b  the hand-written server: one PeftModel holding all K adapters (load_adapter), one worker thread
      answering the queued requests one at a time (set_adapter, then generate).
-  c  peft's mixed-batch path: the same PeftModel, a worker that takes every waiting request (up to N,
-     moerge's engine policy) and answers them with one generate(..., adapter_names=[...]).
+  c  peft's mixed-batch path: the same PeftModel, a worker that takes every waiting request (up to N)
+     and answers them with one generate(..., adapter_names=[...]) (static batching: what arrives while
+     a batch runs waits for its end).
   d  the floor: the base model alone through moerge serve (a server without a library), model "base".
 
 Latency is measured by each client, submission to answer (queueing included); throughput = requests
@@ -212,7 +214,7 @@ class Server:
         return Answer(reply.choices[0].message.content or "", reply.usage.completion_tokens)
 
     def batch_rows(self) -> str:
-        """`moerge_batch_rows` from /metrics: the mean rows per batched generate."""
+        """`moerge_batch_rows` from /metrics: the mean rows per decoding step of the shared batch."""
         import urllib.request
 
         port = self.server.config.port
@@ -224,7 +226,7 @@ class Server:
             if line.startswith("moerge_batch_rows")
         }
         count, total = values.get("moerge_batch_rows_count", 0.0), values.get("moerge_batch_rows_sum", 0.0)
-        return f"{int(count)} batched generates, {total / count:.2f} rows each" if count else "no batches"
+        return f"{int(count)} decoding steps, {total / count:.2f} rows each" if count else "no batched steps"
 
     def close(self) -> None:
         self.server.should_exit = True

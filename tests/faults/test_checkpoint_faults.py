@@ -184,3 +184,22 @@ def test_train_meeting_a_full_disk_at_a_checkpoint_then_resumes(tiny_base, parit
     )
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "moerge.json").is_file() and not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        ({"step": 999}, "step: 999 is outside 0..10"),
+        ({"step": -5}, "step: -5 is outside 0..10"),
+        ({"step": "three"}, "step: Input should be a valid integer"),
+        ({"losses": "high"}, "losses: Input should be a valid list"),
+    ],
+    ids=["step-past-the-end", "negative-step", "step-not-a-number", "losses-not-a-list"],
+)
+def test_a_hand_edited_state_file_is_refused_at_its_field(workdir, edit: dict, named: str) -> None:
+    path = workdir / "checkpoint" / checkpoint.STATE
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    model, optimizer = model_and_optimizer(seed=1)
+    with pytest.raises(MoergeError, match="^" + str(path)) as caught:
+        load_checkpoint(workdir, model, optimizer, HASH)
+    assert named in str(caught.value)

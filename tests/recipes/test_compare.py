@@ -92,7 +92,9 @@ def test_rerun_reuses_cache_and_changed_expert_invalidates(tmp_path, tiny_base, 
     # Retrain one expert with other settings: only what depends on it is scored again.
     raw = _recipe(tmp_path, tiny_base, ["base", "oracle"])
     raw["held_in"][0]["overrides"] = {"lr": 0.02}
-    run_compare(_load(tmp_path, raw), out, progress=False)
+    with pytest.raises(MoergeError, match="trained with other settings"):  # replacing it is the user's call
+        run_compare(_load(tmp_path, raw), out, progress=False)
+    run_compare(_load(tmp_path, raw), out, retrain=True, progress=False)
     assert calls == ["parity"]
 
 

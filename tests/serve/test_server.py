@@ -143,6 +143,34 @@ def test_streaming_matches_the_whole_answer(served):
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+def test_concurrent_streams_of_own_lengths_and_stops_match_their_whole_answers(served):
+    """Streams that share the continuous batch: each sends its own text in order, one finish_reason in
+    its last chunk, and says what the same request answers unstreamed."""
+    url, _, _ = served
+    client = _client(url)
+    asks = [
+        {"model": model, "messages": [{"role": "user", "content": f"Is {i} even?"}], "max_tokens": 3 + 2 * i}
+        for i, model in enumerate(["parity", "add", "base", "parity", "add", "base"])
+    ]
+    for ask in asks[3:]:
+        ask["stop"] = ["e", "1"]
+    for ask in asks:
+        ask["temperature"] = 0
+
+    def streamed(ask: dict) -> tuple[str, str | None, list[str | None]]:
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+        reasons = [c.choices[0].finish_reason for c in chunks]
+        return "".join(c.choices[0].delta.content or "" for c in chunks), reasons[-1], reasons[:-1]
+
+    with ThreadPoolExecutor(6) as pool:
+        streams = list(pool.map(streamed, asks))
+    for ask, (text, reason, before) in zip(asks, streams, strict=True):
+        whole = client.chat.completions.create(**ask).choices[0]
+        assert (text, reason) == (whole.message.content, whole.finish_reason)
+        assert set(before) == {None}
+        assert not any(stop in text for stop in ask.get("stop", []))
+
+
 def test_routed_answers_carry_the_routing(served):
     url, _, _ = served
     body = {"model": "auto", "messages": [{"role": "user", "content": "2+2="}], "max_tokens": 4, "temperature": 0}

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from moerge.cli.help import PROMPT_FORMAT_HELP, prompt_format_option
-from moerge.progress import output_console
+from moerge.progress import output_console, styled
 from moerge.tables import Column, Table, cell
 
 if TYPE_CHECKING:
@@ -91,7 +91,18 @@ def import_peft(
 
 
 def _metrics_text(metrics: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+    """Headline numbers only: a split's evaluation shows its accuracy and n, not its per-example scores."""
+    return ", ".join(f"{key}={_metric_value(value)}" for key, value in sorted(metrics.items()))
+
+
+def _metric_value(value: Any) -> str:
+    if isinstance(value, dict) and "accuracy" in value:
+        accuracy = value["accuracy"]
+        shown = f"{accuracy:.3f}" if isinstance(accuracy, float) else str(accuracy)
+        return f"{shown} (n={value['n']})" if "n" in value else shown
+    if isinstance(value, dict):
+        return "{" + _metrics_text(value) + "}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 _LIST_COLUMNS = tuple(
@@ -169,25 +180,25 @@ def verify(path: str = PATH, as_json: bool = typer.Option(False, "--json", help=
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         for name, problems in report.corrupted.items():
-            console.print(f"[red]corrupted[/red] {name}: {problems[0]}", highlight=False)
+            console.print(styled(("corrupted", "red"), f" {name}: {problems[0]}"))
         for name in report.missing:
-            console.print(f"[red]missing[/red] {name}: registered, but its folder is gone", highlight=False)
+            console.print(styled(("missing", "red"), f" {name}: registered, but its folder is gone"))
         for name in report.unregistered:
-            console.print(f"[yellow]unregistered[/yellow] {name}: run `moerge library rebuild`", highlight=False)
+            console.print(styled(("unregistered", "yellow"), f" {name}: run `moerge library rebuild`"))
         for entry in report.leftovers:
-            console.print(
-                f"[yellow]leftover[/yellow] {entry}: left by an interrupted write; `moerge library rebuild` removes it",
-                highlight=False,
-            )
-        status = "[green]ok[/green]" if report.ok else "[red]problems found[/red]"
-        console.print(f"{status}: {report.checked} experts checked")
+            leftover = f" {entry}: left by an interrupted write; `moerge library rebuild` removes it"
+            console.print(styled(("leftover", "yellow"), leftover))
+        status = ("ok", "green") if report.ok else ("problems found", "red")
+        console.print(styled(status, f": {report.checked} experts checked"))
     if not report.ok:
         raise typer.Exit(1)
 
 
 def rebuild(path: str = PATH) -> None:
     """Regenerate the catalog from the experts' moerge.json files; remove leftovers of interrupted writes."""
-    names = _open(path).rebuild()
+    from moerge.library import ExpertLibrary
+
+    names = ExpertLibrary(path, repair_catalog=True).rebuild()
     console.print(f"catalog rebuilt: {len(names)} experts")
 
 

@@ -63,6 +63,9 @@ from rich.text import Text  # noqa: E402
 
 from moerge.errors import MoergeError  # noqa: E402
 
+# The hub client logs each retry of an unreachable host as two lines; moerge reports the failure once.
+os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+
 try:  # typer >= 0.2x ships its own copy of click; older ones use click itself
     from typer._click import exceptions as _click_errors
 except ImportError:  # pragma: no cover - depends on the typer installed
@@ -88,6 +91,7 @@ def _register() -> None:
     app.add_typer(data.app, name="data")
     app.command("train", cls=lazy_epilog(train.methods_epilog))(train.train)
     app.command("train-library")(train.train_library_command)
+    app.command("plan")(train.plan_command)
     app.command("eval")(evaluate.eval_command)
     app.command("generate")(evaluate.generate_command)
     app.command("serve")(serve.serve)

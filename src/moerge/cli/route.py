@@ -90,6 +90,10 @@ def build(
 
         lib = ExpertLibrary(library)
     folders = _experts(lib, experts)
+    training_data = key_values(data, "--data")
+    unknown = sorted(set(training_data or {}) - set(folders))
+    if unknown:
+        raise MoergeError(f"--data: {unknown[0]!r} is not one of the experts ({', '.join(folders)})")
     overrides = {
         "name": policy,
         "k": top_k,
@@ -107,7 +111,7 @@ def build(
             base=base or _default_base(folders),
             policy=overrides,
             options=options,
-            data=key_values(data, "--data"),
+            data=training_data,
             library=lib,
             prompt_format=fmt,
             overwrite=overwrite,

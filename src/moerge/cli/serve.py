@@ -6,12 +6,14 @@ import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from moerge.cli.help import key_values
 from moerge.errors import MoergeError
+from moerge.models.loading import set_load_defaults
+from moerge.models.precision import DEVICE_HELP, DEVICE_MAP_HELP, DTYPE_HELP
+from moerge.progress import output_console
 
-console = Console(stderr=True, soft_wrap=True)
+console = output_console(stderr=True)
 
 
 def serve(
@@ -40,6 +42,9 @@ def serve(
     upstream_key_env: str | None = typer.Option(
         None, "--upstream-key-env", help="environment variable holding the upstream engine's API key"
     ),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    device_map: str | None = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     export_vllm: bool = typer.Option(
         False, "--export-vllm", help="print the `vllm serve` command serving the library's experts under their names"
     ),
@@ -57,6 +62,7 @@ def serve(
     from moerge.serve import ModelPool, create_app
 
     at_least(1, port=port, max_tokens=max_tokens, max_queue=max_queue, max_loaded_experts=max_loaded)
+    set_load_defaults(dtype=dtype, device=device, device_map=device_map)
     routers = _routers(router or [])
     if from_compare is not None:
         from moerge.recipes.compare import best_router

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.console import Console
 
-from moerge.cli.help import field_help, option_values, prompt_format_option, registry_epilog
+from moerge.cli.help import PROMPT_FORMAT_HELP, field_help, option_values, prompt_format_option, registry_epilog
 from moerge.errors import MoergeError
-from moerge.train.config import TrainConfig
+from moerge.progress import output_console, styled
+from moerge.train.config import StagedConfig, TrainConfig
 from moerge.train.methods import METHODS
 from moerge.train.methods.base import LoraOptions
 
-console = Console()
+console = output_console()
 
 
 def methods_epilog() -> str:
@@ -43,9 +44,22 @@ def train(
     seed: int | None = typer.Option(None, "--seed", help=field_help(TrainConfig, "seed")),
     limit: int | None = typer.Option(None, "--limit", help=field_help(TrainConfig, "limit")),
     eval_limit: int | None = typer.Option(None, "--eval-limit", help=field_help(TrainConfig, "eval_limit")),
-    prompt_format: str | None = typer.Option(None, "--prompt-format", help=field_help(TrainConfig, "prompt_format")),
+    prompt_format: str | None = typer.Option(None, "--prompt-format", help=f"{PROMPT_FORMAT_HELP} (default: moerge)"),
     checkpoint_every: int | None = typer.Option(
         None, "--checkpoint-every", help=field_help(TrainConfig, "checkpoint_every")
+    ),
+    dtype: str | None = typer.Option(None, "--dtype", help=field_help(TrainConfig, "dtype")),
+    gradient_checkpointing: bool | None = typer.Option(
+        None,
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help=field_help(TrainConfig, "gradient_checkpointing"),
+    ),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help=field_help(TrainConfig, "grad_accum")),
+    quantize: str | None = typer.Option(None, "--quantize", help=field_help(TrainConfig, "quantize")),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="print the parameter counts and the peak memory estimate (`moerge plan`); train nothing",
     ),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its checkpoint"),
     restart: bool = typer.Option(False, "--restart", help="discard an interrupted run's checkpoint"),
@@ -54,7 +68,6 @@ def train(
 ) -> None:
     """Train an expert and write its folder (peft files + moerge.json); YAML files may chain stages."""
     from moerge.recipes.train import train_expert
-    from moerge.train.config import StagedConfig, config_from_dict, load_train_config
 
     options = {
         "base": base,
@@ -73,15 +86,17 @@ def train(
         "eval_limit": eval_limit,
         "prompt_format": prompt_format_option(prompt_format),
         "checkpoint_every": checkpoint_every,
+        "dtype": dtype,
+        "gradient_checkpointing": gradient_checkpointing,
+        "grad_accum": grad_accum,
+        "quantize": quantize,
         **option_values(option),
     }
-    if recipe is not None:
-        cfg: TrainConfig | StagedConfig = load_train_config(recipe, options)
-    else:
-        missing = [f"--{k}" for k in ("base", "task") if options[k] is None]
-        if missing:
-            raise MoergeError(f"missing {' and '.join(missing)} (or give a recipe file)")
-        cfg = config_from_dict({k: v for k, v in options.items() if v is not None}, "command-line options")
+    cfg = _config(recipe, options)
+    if dry_run:
+        _print_plan(cfg)
+        return
+    check_runnable(cfg)
     out = out or (Path(cfg.out) if cfg.out else None)
     if out is None:
         raise MoergeError("missing --out (the expert folder to write)")
@@ -94,20 +109,103 @@ def train(
     stages = getattr(meta, "stages", None)
     shown += f" stages={len(stages)}" if stages else ""
     console.print(
-        f"[green]expert written:[/green] {out}  task={meta.task.name} method={meta.method} "
-        f"accuracy={shown} trainable={meta.cost['trainable_params']:,} "
-        f"time={meta.cost['train_time_s']:.0f}s peak={meta.cost['peak_memory_mb']:.0f}MB"
+        styled(
+            ("expert written:", "green"),
+            f" {out}  task={meta.task.name} method={meta.method} "
+            f"accuracy={shown} trainable={meta.cost['trainable_params']:,} "
+            f"time={meta.cost['train_time_s']:.0f}s peak={meta.cost['peak_memory_mb']:.0f}MB",
+        )
     )
+
+
+def _config(recipe: Path | None, options: dict[str, Any]) -> TrainConfig | StagedConfig:
+    """The run's settings: the recipe file with the given options winning, or the options alone."""
+    from moerge.train.config import config_from_dict, load_train_config
+
+    if recipe is not None:
+        return load_train_config(recipe, options)
+    missing = [f"--{k}" for k in ("base", "task") if options[k] is None]
+    if missing:
+        raise MoergeError(f"missing {' and '.join(missing)} (or give a recipe file)")
+    return config_from_dict({k: v for k, v in options.items() if v is not None}, "command-line options")
+
+
+def check_runnable(cfg: TrainConfig | StagedConfig) -> None:
+    """Refuse, before anything loads or is written, a precision this machine cannot train in (fp16 off
+    CUDA, a quantised base without CUDA or bitsandbytes)."""
+    from moerge.models.precision import resolve_device
+    from moerge.train.loop import training_precision
+
+    device = resolve_device("auto")
+    for stage in cfg.stages if isinstance(cfg, StagedConfig) else [cfg]:
+        training_precision(stage, device)
+
+
+def _print_plan(cfg: TrainConfig | StagedConfig, json_out: bool = False) -> None:
+    """The memory plan of each stage (one for a single run), as a table or JSON."""
+    from moerge.train.plan import plan_training
+
+    plans = [plan_training(stage) for stage in (cfg.stages if isinstance(cfg, StagedConfig) else [cfg])]
+    if json_out:
+        console.print_json(data=[p.as_dict() for p in plans] if len(plans) > 1 else plans[0].as_dict())
+        return
+    for plan in plans:
+        print(plan.render())
+
+
+def plan_command(
+    recipe: Path | None = typer.Argument(None, help="YAML file, as for `moerge train` (options given here win)"),
+    base: str | None = typer.Option(None, "--base", help="base model: cached name, local folder or hub id"),
+    task: str | None = typer.Option(None, "--task", help="task spec (not read: the plan needs only its name)"),
+    method: str | None = typer.Option(None, "--method", help=f"one of {', '.join(METHODS.names())} (default lora)"),
+    rank: int | None = typer.Option(None, "--rank", help=field_help(LoraOptions, "rank")),
+    target_modules: str | None = typer.Option(None, "--target-modules", help=field_help(LoraOptions, "target_modules")),
+    option: list[str] | None = typer.Option(None, "--option", help="any other option of the method, key=value"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help=field_help(TrainConfig, "batch_size")),
+    max_length: int | None = typer.Option(None, "--max-length", help=field_help(TrainConfig, "max_length")),
+    dtype: str | None = typer.Option(None, "--dtype", help=field_help(TrainConfig, "dtype")),
+    gradient_checkpointing: bool | None = typer.Option(
+        None,
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help=field_help(TrainConfig, "gradient_checkpointing"),
+    ),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help=field_help(TrainConfig, "grad_accum")),
+    quantize: str | None = typer.Option(None, "--quantize", help=field_help(TrainConfig, "quantize")),
+    json_out: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+) -> None:
+    """Trainable and total parameters and the peak memory a training run would need (weights,
+    gradients, Adam state, activations, logits), and whether it fits this machine: from the model's
+    config alone, before anything large is loaded."""
+    options = {
+        "base": base,
+        "task": task or "plan",
+        "method": method,
+        "rank": rank,
+        "target_modules": target_modules,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "dtype": dtype,
+        "gradient_checkpointing": gradient_checkpointing,
+        "grad_accum": grad_accum,
+        "quantize": quantize,
+        **option_values(option),
+    }
+    if recipe is not None and task is None:
+        options["task"] = None
+    _print_plan(_config(recipe, options), json_out)
 
 
 def train_library_command(
     recipe: Path = typer.Argument(..., help="YAML recipe: base, library, method, hyperparameters, tasks"),
     json_out: bool = typer.Option(False, "--json", help="print what was trained or reused as JSON"),
+    retrain: bool = typer.Option(
+        False, "--retrain", help="replace library experts of the recipe's names that other settings trained"
+    ),
 ) -> None:
     """Train one expert per task of a recipe into a library; reruns skip finished experts and resume."""
     from moerge.recipes.library import load_library_config, train_library
 
-    outcome = train_library(load_library_config(recipe))
+    outcome = train_library(load_library_config(recipe), retrain=retrain)
     if json_out:
         console.print_json(data=outcome)
     else:

@@ -93,6 +93,9 @@ class PromptFormat(BaseModel):
 
 def check_placeholders(template: str, allowed: tuple[str, ...], *, required: str) -> None:
     """Refuse a `{name}` the template cannot fill, and a template without its `required` placeholder."""
+    for name in re.findall(r"\{(\w+)(?![\w}])", template):
+        if name in allowed:
+            raise ValueError(f"unclosed placeholder {{{name} (write {{{name}}})")
     for name in _PLACEHOLDER.findall(template):
         if name not in allowed:
             known = ", ".join(f"{{{a}}}" for a in allowed)

@@ -53,6 +53,9 @@ def _create(spec: str, name: str, options: dict[str, Any]) -> Any:
         hint = f"did you mean {', '.join(close)}?" if close else "see reasoning_gym.factory.DATASETS"
         raise MoergeError(f"{spec}: unknown reasoning-gym generator {name!r}; {hint}")
     options = {"size": DEFAULT_SIZE, "seed": 0, **options}
+    for key, least in (("size", 1), ("seed", 0)):
+        if not isinstance(options[key], int) or options[key] < least:
+            raise MoergeError(f"{spec}: {key}: expected a whole number ≥ {least}, got {options[key]!r}")
     try:
         return reasoning_gym.create_dataset(name, **options)
     except (TypeError, ValueError, AssertionError) as exc:

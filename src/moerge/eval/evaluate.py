@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from moerge.data.formats import PromptFormat
@@ -31,23 +31,31 @@ def evaluate_task(
     max_new_tokens: int | None = None,
     progress: bool = True,
     batch_context: BatchContext | None = None,
+    keep_predictions: bool = False,
 ) -> dict[str, Any]:
     """Accuracy (mean score) on `split` with examples rendered in `fmt`, with the number of examples
     and how it was scored.
 
     `batch_context(n)` wraps every model call on n examples (routers that need task labels use it).
+    `keep_predictions`: also return `predictions`, one row per example (see `prediction_rows`); off by
+    default, so the results that callers cache stay small.
     """
     examples = task.split(split)[:limit] if limit else task.split(split)
     if not examples:
         return {"accuracy": None, "n": 0, "mode": "none"}
     show = progress and sys.stderr.isatty()
+    recorder = ExpertRecorder(model, batch_context) if keep_predictions else None
+    context = recorder.context if recorder else batch_context
+    logprobs: list[list[float]] | None = None
+    outputs: list[str] | None = None
     if task.is_multiple_choice:
-        scores = rank_classify(
-            model, tokenizer, examples, fmt=fmt, batch_size=batch_size, progress=show, batch_context=batch_context
+        logprobs = choice_logprobs(
+            model, tokenizer, examples, fmt=fmt, batch_size=batch_size, progress=show, batch_context=context
         )
+        scores = [float(_chosen(ex, s) == ex.target) for ex, s in zip(examples, logprobs, strict=True)]
         mode = "rank_classification"
     else:
-        predictions = generate_answers(
+        outputs = generate_answers(
             model,
             tokenizer,
             examples,
@@ -55,17 +63,110 @@ def evaluate_task(
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             progress=show,
-            batch_context=batch_context,
+            batch_context=context,
         )
-        scores = [task.scorer(p, ex) for p, ex in zip(predictions, examples, strict=True)]
+        scores = [task.scorer(p, ex) for p, ex in zip(outputs, examples, strict=True)]
         mode = "generation"
-    return {
+    result = {
         "accuracy": sum(scores) / len(scores),
         "n": len(scores),
         "mode": mode,
         "prompt_format": fmt.name,
         "scores": scores,
     }
+    if recorder is not None:
+        experts = recorder.rows if recorder.active else None
+        result["predictions"] = prediction_rows(tokenizer, examples, fmt, scores, logprobs, outputs, experts)
+    return result
+
+
+def _chosen(example: Example, logprobs: list[float]) -> str:
+    """The choice rank classification picks: the highest log-likelihood (the first one on a tie)."""
+    return list(example.choices or ())[logprobs.index(max(logprobs))]
+
+
+def prediction_rows(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    fmt: PromptFormat,
+    scores: list[float],
+    logprobs: list[list[float]] | None,
+    outputs: list[str] | None,
+    experts: list[dict[str, float] | None] | None,
+) -> list[dict[str, Any]]:
+    """One JSON-ready row per example: `index` (position in the split), `id` (the example's own
+    `meta["id"]`, else the index), `input` (the example's question), `prompt` (the exact text the model
+    read: `input` in the prompt format, special tokens included), `target`, `score` and `correct`
+    (score == 1); then `choices`, `choice_logprobs` and `chosen` under rank classification or `output`
+    under generation; and `experts` for a routed model (mean routing weight per expert over the prompt's
+    tokens and the layers, heaviest first, zero weights left out; None for a batch nothing was recorded in)."""
+    rows = []
+    for i, (ex, score) in enumerate(zip(examples, scores, strict=True)):
+        row: dict[str, Any] = {
+            "index": i,
+            "id": ex.meta.get("id", i),
+            "input": ex.input,
+            "prompt": tokenizer.decode(prompt_ids(tokenizer, ex, fmt)),
+            "target": ex.target,
+            "score": score,
+            "correct": score == 1.0,
+        }
+        if logprobs is not None:
+            row.update(choices=list(ex.choices or ()), choice_logprobs=logprobs[i], chosen=_chosen(ex, logprobs[i]))
+        if outputs is not None:
+            row["output"] = outputs[i]
+        if experts is not None:
+            row["experts"] = experts[i]
+        rows.append(row)
+    return rows
+
+
+class ExpertRecorder:
+    """Which experts a routed model used on each example: wraps each batch's model calls, records the
+    routing weights of the prompt's forward pass (the one routing decisions are made on) and keeps one
+    {expert: mean weight} per example. Inactive (records nothing) on a model without a router.
+
+    Reads the router through the model's `moerge_routing` handle (its `routing.start_recording()` and
+    `records`, as `moerge route explain` and the server do), so this layer imports nothing from routing.
+    """
+
+    def __init__(self, model: Any, inner: BatchContext | None) -> None:
+        self.routing = getattr(getattr(model, "moerge_routing", None), "routing", None)
+        self.inner = inner
+        self.rows: list[dict[str, float] | None] = []
+
+    @property
+    def active(self) -> bool:
+        return self.routing is not None
+
+    @contextmanager
+    def context(self, n: int) -> Iterator[None]:
+        with _context(self.inner, n):
+            if self.routing is None:
+                yield
+                return
+            self.routing.start_recording()
+            try:
+                yield
+            finally:
+                self.rows.extend(self._collect(n))
+
+    def _collect(self, n: int) -> list[dict[str, float] | None]:
+        """Per example: weights [n, K] of each module's prefill, averaged over modules."""
+        import torch
+
+        records, self.routing.records = self.routing.records or {}, None
+        per_module = [torch.cat(rows) for rows in records.values() if rows]
+        if not per_module or any(w.shape[0] != n for w in per_module):
+            return [None] * n  # nothing recorded for this batch, or not one row per example
+        names = self.routing.handle.expert_names
+        return [_used(names, row) for row in torch.stack(per_module).mean(0).tolist()]
+
+
+def _used(names: list[str], weights: list[float]) -> dict[str, float]:
+    """{expert: weight} rounded to 4 places, heaviest first, experts that got (almost) nothing left out."""
+    rounded = sorted(((name, round(w, 4)) for name, w in zip(names, weights, strict=True)), key=lambda x: -x[1])
+    return {name: w for name, w in rounded if w > 0}
 
 
 def _context(batch_context: BatchContext | None, n: int) -> AbstractContextManager:
@@ -167,8 +268,7 @@ def rank_classify(
         model, tokenizer, examples, fmt=fmt, batch_size=batch_size, progress=progress, batch_context=batch_context
     )
     for ex, scores in zip(examples, all_scores, strict=True):
-        choices = list(ex.choices or ())
-        result.append(float(choices[scores.index(max(scores))] == ex.target))
+        result.append(float(_chosen(ex, scores) == ex.target))
     return result
 
 

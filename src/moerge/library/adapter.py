@@ -173,7 +173,7 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
 # --------------------------------------------------------------------------- any peft adapter
 
 
-def _check_files(folder: Path) -> None:
+def check_adapter_files(folder: Path) -> None:
     """The config and safetensors weights exist; pickled weights are refused with how to convert them."""
     if not folder.is_dir():
         raise MoergeError(f"{folder}: adapter folder not found")
@@ -199,7 +199,7 @@ def read_tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
 
 def _read_folder(folder: Path, label: str | None) -> dict[str, Any]:
     """Everything `PeftAdapter` holds, checked in order: files present, files intact, config types."""
-    _check_files(folder)
+    check_adapter_files(folder)
     meta = check_expert_intact(folder) if is_expert_folder(folder) else None
     return {
         "folder": folder,

@@ -47,22 +47,30 @@ def _row(name: str, meta: ExpertMeta) -> tuple:
 class Catalog:
     """Thin wrapper over one `catalog.sqlite` file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, repair: bool = False) -> None:
+        """Open (or create) the catalog. `repair`: an unreadable file is set aside as
+        `.catalog.sqlite.damaged` and a new, empty one made (the caller then rebuilds it from the folders)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with self._connect() as con:
-                con.execute(_SCHEMA)
-                version = con.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                elif version > SCHEMA_VERSION:
-                    raise MoergeError(
-                        f"{self.path}: catalog schema {version} is newer than this moerge understands "
-                        f"({SCHEMA_VERSION}); upgrade moerge"
-                    )
+            self._open_schema()
         except sqlite3.DatabaseError as exc:
-            raise MoergeError(f"{self.path}: unreadable catalog ({exc}); run `moerge library rebuild`") from None
+            if not repair:
+                raise MoergeError(f"{self.path}: unreadable catalog ({exc}); run `moerge library rebuild`") from None
+            self.path.replace(self.path.with_name(f".{self.path.name}.damaged"))
+            self._open_schema()
+
+    def _open_schema(self) -> None:
+        with self._connect() as con:
+            con.execute(_SCHEMA)
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version > SCHEMA_VERSION:
+                raise MoergeError(
+                    f"{self.path}: catalog schema {version} is newer than this moerge understands "
+                    f"({SCHEMA_VERSION}); upgrade moerge"
+                )
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

@@ -59,6 +59,10 @@ class ExpertMeta(BaseModel):
     cost: dict[str, Any] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)
     prompt_format: PromptFormat | Literal["unknown", "mixed"] | None = None
+    dtype: str | None = Field(
+        None, description="compute dtype it was trained in (bf16, fp16, fp32); None: older files (fp32)"
+    )
+    quantize: str | None = Field(None, description="4bit or 8bit when trained on a quantised base (QLoRA)")
     moerge_version: str = "unknown"
     created: float = Field(default_factory=time.time)
     files: dict[str, str] = Field(default_factory=dict)

@@ -43,6 +43,7 @@ from fsspec.implementations.local import LocalFileSystem
 from moerge.data.formats import PromptFormat
 from moerge.errors import MoergeError
 from moerge.library import artifacts
+from moerge.library.adapter import check_adapter_files
 from moerge.library.catalog import Catalog
 from moerge.library.expert import (
     ARTIFACTS_DIR,
@@ -145,7 +146,9 @@ class VerifyReport:
 class ExpertLibrary:
     """Open an existing library at a local path or fsspec URL (`ExpertLibrary.create` makes one)."""
 
-    def __init__(self, location: str | Path) -> None:
+    def __init__(self, location: str | Path, *, repair_catalog: bool = False) -> None:
+        """Open a library. `repair_catalog` (for `rebuild`): an unreadable catalog is set aside and
+        rebuilt from the experts' folders instead of refused."""
         self.url = str(location)
         self.fs, root = _filesystem(self.url)
         self.local = isinstance(self.fs, LocalFileSystem)
@@ -161,7 +164,7 @@ class ExpertLibrary:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(self.state_dir / LOCK_FILE))
         fresh = not (self.state_dir / CATALOG_FILE).is_file()
-        self.catalog = Catalog(self.state_dir / CATALOG_FILE)
+        self.catalog = Catalog(self.state_dir / CATALOG_FILE, repair=repair_catalog)
         if self._entries(PENDING_PREFIX):
             with self._lock:
                 self._recover()
@@ -178,9 +181,18 @@ class ExpertLibrary:
             raise MoergeError(f"{location}: already a moerge library")
         if fs.exists(root) and (not fs.isdir(root) or fs.ls(root)):
             raise MoergeError(f"{location}: exists and is not an empty folder; choose a new path")
+        existed = fs.exists(root)
         fs.makedirs(root, exist_ok=True)
-        fs.pipe_file(marker, json.dumps({"format": 1, "created": time.time()}).encode())
-        return cls(location)
+        try:
+            fs.pipe_file(marker, json.dumps({"format": 1, "created": time.time()}).encode())
+            return cls(location)
+        except BaseException:  # a full disk, an interrupt: no half-made library is left to trip over
+            with contextlib.suppress(OSError):  # the folder was new or empty: all in it is ours
+                for child in fs.ls(root, detail=False):
+                    fs.rm(child, recursive=True)
+                if not existed:
+                    fs.rmdir(root)
+            raise
 
     # ---- storage helpers -------------------------------------------------------------------------
 
@@ -445,6 +457,8 @@ class ExpertLibrary:
         folder = Path(folder)
         skipped = _check_source(folder, skip_links)
         meta = read_expert_meta(folder)
+        if meta.kind != "full":
+            check_adapter_files(folder)  # before copying: a pickled expert is named with how to convert it
         needed = [rel for rel in skipped if rel in meta.files]
         if needed:
             raise MoergeError(
@@ -468,7 +482,15 @@ class ExpertLibrary:
         return name
 
     def _refuse_clobber(self, name: str, overwrite: bool) -> None:
-        if not overwrite and (self.catalog.get(name) is not None or self.fs.exists(self._p(name))):
+        """A name taken by an expert needs `overwrite`; a folder of that name that is not a registered
+        expert (yours, put there by hand) is never replaced."""
+        registered = self.catalog.get(name) is not None
+        if self.fs.exists(self._p(name)) and not registered:
+            raise MoergeError(
+                f"{self.url}: {name!r} is a folder the catalog does not list as an expert; it is left alone "
+                "(move it away, or run `moerge library rebuild` if it is an expert)"
+            )
+        if registered and not overwrite:
             raise MoergeError(f"{self.url}: expert {name!r} already exists (pass --overwrite to replace it)")
 
     def import_peft(

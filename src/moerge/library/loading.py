@@ -9,6 +9,7 @@ load it.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,12 +63,28 @@ def attach_adapter(
     if isinstance(adapter, LoraAdapter):
         adapter.check_against(model)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter.folder), is_trainable=trainable)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            peft_model = PeftModel.from_pretrained(model, str(adapter.folder), is_trainable=trainable)
     except SafetensorError as exc:
         raise MoergeError(f"{adapter.weights_path}: corrupted safetensors file ({exc})") from None
     except (ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MoergeError(f"{adapter.folder}: could not load adapter: {first}") from None
+    _refuse_missing_weights(adapter, caught)
     if not trainable:
         peft_model.eval()
     return peft_model
+
+
+def _refuse_missing_weights(adapter: PeftAdapter, caught: list[warnings.WarningMessage]) -> None:
+    """peft only warns when the weights file lacks modules the config targets, and then scores those
+    modules as the base; such an adapter is refused. Other warnings are passed on."""
+    for warning in caught:
+        text = str(warning.message)
+        if "missing adapter keys" in text:
+            first = text.split("[", 1)[-1].split(",")[0].strip(" '].")
+            raise MoergeError(
+                f"{adapter.weights_path}: lacks weights of modules adapter_config.json targets (e.g. {first})"
+            )
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)

@@ -69,7 +69,7 @@ def merge_to_factors(
     plan: MergePlan, rank: int | None, progress: Progress | None = None
 ) -> tuple[dict[str, Factors], dict[str, float]]:
     """Per module (A, B) of the merged update, plus per-module SVD errors (empty when exact)."""
-    exact = plan.method.is_linear and rank is None
+    exact = (plan.method.is_linear or plan.method.factored is not None) and rank is None
     if rank is None:
         rank = max(e.rank(m) for e in plan.experts for m in e.modules)
     factors: dict[str, Factors] = {}
@@ -77,7 +77,7 @@ def merge_to_factors(
     nonzero = False
     for done, module in enumerate(plan.modules, 1):
         if exact:
-            factors[module] = concat_factors(plan, module)
+            factors[module] = concat_factors(plan, module) if plan.method.is_linear else plan.merged_factors(module)
         else:
             a, b, errors[module] = truncated_svd(plan.delta(module), rank)
             factors[module] = (a, b)

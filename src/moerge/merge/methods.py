@@ -8,13 +8,15 @@ module sits in the network (task-arithmetic λ, LiNeS) is applied afterwards by 
 composes with any method: its options (`MergeOptions`) are every method's.
 
 Linear methods also register their per-expert coefficients: their merged update is Σ c_k·Δ_k, which
-lets the adapter writer concatenate LoRA factors instead of approximating by SVD.
+lets the adapter writer concatenate LoRA factors instead of approximating by SVD. The subspace methods
+(tsv, iso_c, iso_cts, knots; building blocks in `subspace.py`) also register `factored`: the same merge
+computed from the experts' LoRA factors, returning factors of rank ≤ Σ r_k (no dense update per expert).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,11 +24,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moerge.errors import MoergeError
+from moerge.merge import subspace
+from moerge.merge.subspace import Factors
 from moerge.registry import Registry
 from moerge.yamlconf import Source, validate_options
 
 MethodFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 CoefficientFn = Callable[[torch.Tensor, Any], torch.Tensor]
+# Per expert (s·A, B) of one module, or None where the expert does not adapt it → merged (A, B).
+FactoredFn = Callable[[Sequence[Factors | None], torch.Tensor, Any], Factors]
 
 # --- options ----------------------------------------------------------------------------------------
 
@@ -106,6 +112,41 @@ class BreadcrumbsOptions(MergeOptions):
     )
 
 
+class TsvOptions(MergeOptions):
+    density: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="fraction of min(out, in) singular components each expert keeps, largest first"
+        " (default 1/K for K experts, the paper's choice)",
+    )
+
+
+class IsoCtsOptions(MergeOptions):
+    common_fraction: float = Field(
+        0.8,
+        ge=0.0,
+        le=1.0,
+        description="share of the merged update's directions taken from the common subspace (the sum's top"
+        " singular vectors); the rest is split evenly among the experts' task-specific directions",
+    )
+
+
+class KnotsOptions(TiesOptions):
+    inner: Literal["ties", "linear"] = Field(
+        "ties",
+        description="merge applied to the experts' coordinates in the shared basis: ties (trim, elect signs,"
+        " disjoint mean) or linear (weighted average, which equals plain linear merging)",
+    )
+    density: float = Field(
+        0.2,
+        gt=0.0,
+        le=1.0,
+        description="with inner ties: fraction of each expert's coordinates in the shared basis kept,"
+        " largest magnitudes first",
+    )
+
+
 # --- the registry -------------------------------------------------------------------------------------
 
 
@@ -116,6 +157,7 @@ class MergeMethod:
     options: type[MergeOptions]
     coefficients: CoefficientFn | None = None
     experts: int | None = None
+    factored: FactoredFn | None = None
 
     @property
     def is_linear(self) -> bool:
@@ -142,11 +184,13 @@ def merge_method(
     options: type[MergeOptions] = MergeOptions,
     coefficients: CoefficientFn | None = None,
     experts: int | None = None,
+    factored: FactoredFn | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
-    """Register `fn` as merge method `name`, taking `options` (its model: fields, defaults, descriptions)."""
+    """Register `fn` as merge method `name`, taking `options` (its model: fields, defaults, descriptions);
+    `factored`, where given, computes the same merge from the experts' LoRA factors."""
 
     def register(fn: MethodFn) -> MethodFn:
-        MERGE_METHODS.register(name, MergeMethod(name, fn, options, coefficients, experts))
+        MERGE_METHODS.register(name, MergeMethod(name, fn, options, coefficients, experts, factored))
         return fn
 
     return register
@@ -274,6 +318,132 @@ def slerp(deltas: torch.Tensor, weights: torch.Tensor, options: MergeOptions) ->
     if abs(math.sin(omega)) < 1e-6:
         return (1 - t) * deltas[0] + t * deltas[1]
     return (math.sin((1 - t) * omega) * deltas[0] + math.sin(t * omega) * deltas[1]) / math.sin(omega)
+
+
+# --- subspace methods: SVDs of the experts' updates (building blocks in subspace.py) -------------------
+#
+# The pipeline hands every method the dense updates of one module (experts × out × in, one module at a
+# time), which these methods decompose: TSV-M and Iso-CTS need each expert's own singular vectors, Iso-C
+# the sum's, KnOTS the concatenation's. Each also registers `factored`, the same maths from the LoRA
+# factors (QR of the stacked A's and B's, SVD of a small core; no dense update per expert), which returns
+# exact factors of rank ≤ Σ r_k; MergePlan uses it (an adapter output is then exact without --rank), and
+# the dense form is the reference the tests hold it to. Non-2-D
+# parameters have no singular vectors: they fall back to task arithmetic. Weights scale each expert's
+# update before the decomposition (KnOTS: inside its inner merge).
+
+
+def _dense_factors(deltas: torch.Tensor, weights: torch.Tensor) -> list[Factors]:
+    return [subspace.factors_of_dense(w * d) for d, w in zip(deltas, weights.tolist(), strict=True)]
+
+
+def _present(experts: Sequence[Factors | None], weights: torch.Tensor | None = None) -> list[Factors]:
+    """Every expert's (A, B), an empty pair where it lacks the module; A scaled by its weight if given."""
+    n = next(a.shape[1] for a, _ in filter(None, experts))
+    m = next(b.shape[0] for _, b in filter(None, experts))
+    scales = weights.tolist() if weights is not None else [1.0] * len(experts)
+    return [
+        (pair[0] * w, pair[1]) if pair is not None else (torch.zeros(0, n), torch.zeros(m, 0))
+        for pair, w in zip(experts, scales, strict=True)
+    ]
+
+
+def _single_precision(factors: Factors) -> Factors:
+    return factors[0].float(), factors[1].float()
+
+
+def _tsv_keep(options: TsvOptions, experts: int, shape: tuple[int, ...]) -> int:
+    density = options.density if options.density is not None else 1 / experts
+    return max(1, int(density * min(shape)))
+
+
+def _tsv_factored(experts: Sequence[Factors | None], weights: torch.Tensor, options: TsvOptions) -> Factors:
+    present = _present(experts, weights)
+    shape = (present[0][1].shape[0], present[0][0].shape[1])
+    return _single_precision(subspace.tsv(present, _tsv_keep(options, len(experts), shape)))
+
+
+@merge_method("tsv", options=TsvOptions, factored=_tsv_factored)
+def tsv(deltas: torch.Tensor, weights: torch.Tensor, options: TsvOptions) -> torch.Tensor:
+    """TSV-M: per expert the top singular components, singular vectors decorrelated across experts, summed.
+
+    Task Singular Vectors (Gargiulo et al., 2025): each w_k·Δ_k = U_k Σ_k V_kᵀ keeps its top density·min(out, in)
+    components (1/K by default); the stacked U = [U_1 … U_K] and V are replaced by their polar factors
+    U⊥ = P·Qᵀ (SVD U = P·S·Qᵀ, the nearest orthonormal matrix), and the update is U⊥ diag(Σ_1 … Σ_K) V⊥ᵀ.
+    Components at the float32 noise floor (a LoRA's null space) are not kept. Forms dense updates (one
+    module at a time) to take each expert's SVD; `factored` does it from the LoRA factors.
+    """
+    if deltas.ndim != 3:
+        return weighted_sum(deltas, weights)
+    a, b = subspace.tsv(_dense_factors(deltas, weights), _tsv_keep(options, len(deltas), deltas.shape[1:]))
+    return (b @ a).to(deltas.dtype)
+
+
+def _iso_c_factored(experts: Sequence[Factors | None], weights: torch.Tensor, options: MergeOptions) -> Factors:
+    return _single_precision(subspace.iso_c(_present(experts, weights)))
+
+
+@merge_method("iso_c", factored=_iso_c_factored)
+def iso_c(deltas: torch.Tensor, weights: torch.Tensor, options: MergeOptions) -> torch.Tensor:
+    """Iso-C: the task-arithmetic sum with all its singular values set to their mean (isotropic spectrum).
+
+    Isotropic merging in the common subspace (Marczak et al., 2025): Σ w_k·Δ_k = U Σ Vᵀ becomes α·σ̄·U Vᵀ,
+    σ̄ the mean singular value and α the `scaling` option. The mean is over the sum's non-zero singular
+    values (its rank), not all min(out, in): a sum of LoRA updates is low-rank, and flattening its zeros too
+    would invent directions from an arbitrary null-space basis; for full-rank updates both agree. Forms the
+    dense sum (one module at a time) to take its SVD; `factored` does it from the LoRA factors.
+    """
+    if deltas.ndim != 3:
+        return weighted_sum(deltas, weights)
+    a, b = subspace.iso_c(_dense_factors(deltas, weights))
+    return (b @ a).to(deltas.dtype)
+
+
+def _iso_cts_factored(experts: Sequence[Factors | None], weights: torch.Tensor, options: IsoCtsOptions) -> Factors:
+    return _single_precision(subspace.iso_cts(_present(experts, weights), options.common_fraction))
+
+
+@merge_method("iso_cts", options=IsoCtsOptions, factored=_iso_cts_factored)
+def iso_cts(deltas: torch.Tensor, weights: torch.Tensor, options: IsoCtsOptions) -> torch.Tensor:
+    """Iso-CTS: Iso-C over the sum's common subspace plus each expert's task-specific directions.
+
+    Isotropic merging in common and task-specific subspaces (Marczak et al., 2025): of the sum's R non-zero
+    directions (R = min(out, in) for full fine-tunes), the top k ≈ common_fraction·R left/right singular
+    vectors are kept; each expert's update with that left subspace projected out, (I − U_k U_kᵀ)·w_t·Δ_t,
+    gives its top (R − k)/K directions; the stacked vectors are orthogonalised (polar factors) and every
+    direction gets the mean of the kept singular values (times the `scaling` option α). Forms dense updates
+    (one module at a time) for these SVDs; `factored` does it from the LoRA factors.
+    """
+    if deltas.ndim != 3:
+        return weighted_sum(deltas, weights)
+    a, b = subspace.iso_cts(_dense_factors(deltas, weights), options.common_fraction)
+    return (b @ a).to(deltas.dtype)
+
+
+def _merge_coordinates(coordinates: torch.Tensor, weights: torch.Tensor, options: KnotsOptions) -> torch.Tensor:
+    if options.inner == "linear":
+        return linear(coordinates, weights, options)
+    return ties(coordinates, weights, options)
+
+
+def _knots_factored(experts: Sequence[Factors | None], weights: torch.Tensor, options: KnotsOptions) -> Factors:
+    basis, coordinates = subspace.knots_basis(_present(experts))
+    return _single_precision((_merge_coordinates(coordinates, weights.double(), options), basis))
+
+
+@merge_method("knots", options=KnotsOptions, factored=_knots_factored)
+def knots(deltas: torch.Tensor, weights: torch.Tensor, options: KnotsOptions) -> torch.Tensor:
+    """KnOTS: align the experts in the SVD basis of their concatenation, merge there (ties or linear), map back.
+
+    KnOTS (Stoica et al., 2024): [Δ_1 … Δ_K] = U Σ [V_1ᵀ … V_Kᵀ] (one SVD, columns concatenated); the
+    experts' coordinates Σ V_kᵀ in the shared basis U are merged with `inner` (TIES with density and
+    majority_sign, weighted by the experts' weights, as the paper's KnOTS-TIES; or the weighted average),
+    and U maps the result back. Forms dense updates (one module at a time) for the SVD; `factored` takes it
+    from the factors: the concatenation is [B_1 … B_K]·blockdiag(A_1 … A_K), decomposed via QR.
+    """
+    if deltas.ndim != 3:
+        return weighted_sum(deltas, weights)
+    basis, coordinates = subspace.knots_basis(_dense_factors(deltas, torch.ones(len(deltas))))
+    return (basis @ _merge_coordinates(coordinates, weights.double(), options)).to(deltas.dtype)
 
 
 # --- module-position scaling ------------------------------------------------------------------------

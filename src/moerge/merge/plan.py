@@ -94,9 +94,18 @@ class MergePlan:
         return stacked
 
     def delta(self, module: str) -> torch.Tensor:
-        """The merged update of `module` (adapter layout)."""
+        """The merged update of `module` (adapter layout); from the LoRA factors where the method can."""
+        if self.method.factored is not None:
+            a, b = self.merged_factors(module)
+            return b @ a
         merged = self.method.fn(self.task_vectors(module), self.weights, self.options_for(module))
         return merged * post_scale(self.options, self.layer_fraction(module))
+
+    def merged_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the merged update from the experts' factors (methods with a `factored` form), scaled."""
+        experts = [e.factors(module) for e in self.experts]
+        a, b = self.method.factored(experts, self.weights, self.options_for(module))
+        return a * post_scale(self.options, self.layer_fraction(module)), b
 
     @staticmethod
     def factors_nonzero(a: torch.Tensor, b: torch.Tensor) -> bool:

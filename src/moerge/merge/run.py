@@ -17,7 +17,7 @@ import torch
 
 from moerge.data.formats import MIXED, combined, format_name
 from moerge.errors import MoergeError
-from moerge.library.adapter import LoraAdapter
+from moerge.library.adapter import LoraAdapter, check_same_base
 from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo, write_expert_meta
 from moerge.merge.adapter import merge_to_factors, write_adapter
 from moerge.merge.config import MergeSpec
@@ -52,6 +52,7 @@ def run_merge(spec: MergeSpec, progress: Progress | None = None) -> MergeResult:
     if not to_library:
         check_replaceable(final, overwrite=bool(spec.output.overwrite), kind=EXPERT)
     plan = build_plan(spec)
+    _refuse_own_input(spec, plan, final, to_library)
     if to_library:
         from moerge.library import ExpertLibrary
 
@@ -69,13 +70,24 @@ def run_merge(spec: MergeSpec, progress: Progress | None = None) -> MergeResult:
     return MergeResult(final, meta, errors)
 
 
+def _refuse_own_input(spec: MergeSpec, plan: MergePlan, final: Path, to_library: bool) -> None:
+    """The output may not be one of the experts being merged (with --overwrite it would replace it)."""
+    if to_library:
+        clash = spec.output.out in {e.label for e in plan.experts} and spec.library is not None
+    else:
+        target = final.resolve()
+        clash = any(target == e.folder.resolve() or target in e.folder.resolve().parents for e in plan.experts)
+    if clash:
+        raise MoergeError(f"output.out: {spec.output.out} is one of the experts being merged; choose another output")
+
+
 def _write(
     folder: Path, spec: MergeSpec, plan: MergePlan, progress: Progress | None
 ) -> tuple[ExpertMeta, dict[str, float]]:
     errors: dict[str, float] = {}
     extra: dict[str, Any] = {}
-    base_info = _base_info(plan.experts)
     if spec.output.kind == "adapter":
+        base_info = _adapter_base(plan.experts, spec.output.base)
         factors, errors = merge_to_factors(plan, spec.output.rank, progress)
         extra["rank"] = write_adapter(folder, plan, factors)
         extra["exact"] = not errors
@@ -137,8 +149,18 @@ def _source(expert: LoraAdapter, weight: float) -> dict[str, Any]:
     }
 
 
+def _adapter_base(experts: list[LoraAdapter], base: str | None) -> BaseInfo:
+    """An adapter merge sits on its sources' base; a base the user names is checked against them."""
+    if base is None:
+        return _base_info(experts)
+    from moerge.models import fingerprint
+
+    actual = fingerprint(base)
+    check_same_base(experts, actual, base_name=f"output.base {base}")
+    return BaseInfo(name_or_path=base, fingerprint=actual)
+
+
 def _base_info(experts: list[LoraAdapter]) -> BaseInfo:
-    """An adapter merge sits on its sources' base."""
     for expert in experts:
         if expert.meta is not None:
             return expert.meta.base

@@ -11,10 +11,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moerge.errors import MoergeError
+from moerge.models.precision import (
+    check_quantize,
+    dtype_name,
+    is_quantized,
+    quantization_config,
+    resolve_device,
+    resolve_dtype,
+    torch_dtype,
+)
 from moerge.models.sources import resolve_base
 
 if TYPE_CHECKING:
@@ -34,39 +44,97 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_base(name_or_path))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a broken tokenizer/config file, unknown model_type
         raise _unloadable(name_or_path, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def _unloadable(name_or_path: str | Path, exc: OSError) -> MoergeError:
+def _unloadable(name_or_path: str | Path, exc: Exception) -> MoergeError:
     return MoergeError(
         f"could not load base model {name_or_path!r} (not a cached name, a local folder, "
         f"or a reachable hub id with safetensors weights): {_first_line(exc)}"
     )
 
 
+@dataclass
+class LoadDefaults:
+    """What `load_base` uses where its caller gives nothing: fp32, left where transformers puts it (CPU).
+    The inference commands (eval, generate, serve) set it once from --dtype/--device/--device-map
+    (`set_load_defaults`), so every model they load — the base, an expert's base, a router's — follows."""
+
+    dtype: str = "fp32"
+    device: str | None = None
+    device_map: str | None = None
+
+
+_DEFAULTS = LoadDefaults()
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def set_load_defaults(*, dtype: str | None = None, device: str | None = None, device_map: str | None = None) -> None:
+    """Set the process-wide loading defaults (None leaves a setting as it is); bad names are one line."""
+    if dtype is not None:
+        _DEFAULTS.dtype = dtype_name(dtype)
+    if device is not None:
+        resolve_device(device)  # refuse an absent device now, before anything loads
+        _DEFAULTS.device = device
+    if device_map is not None:
+        _DEFAULTS.device_map = _checked_device_map(device_map)
+
+
+def load_defaults() -> LoadDefaults:
+    return LoadDefaults(_DEFAULTS.dtype, _DEFAULTS.device, _DEFAULTS.device_map)
+
+
+def _checked_device_map(device_map: str) -> str:
+    if device_map not in DEVICE_MAPS:
+        raise MoergeError(f"--device-map: {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
+    return device_map
+
+
 def load_base(
-    name_or_path: str | Path, *, dtype: str = "float32", device: str | None = None
+    name_or_path: str | Path,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    device_map: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a cached name, folder or hub id."""
+    """Load a causal LM and its tokenizer from a cached name, folder or hub id.
+
+    `dtype`: auto, bf16, fp16, fp32 (or a torch name); `device`: auto, cuda, cpu, mps; `device_map`:
+    accelerate's placement over the visible devices (`auto`: for models that do not fit one device);
+    `quantize`: 4bit or 8bit through bitsandbytes (CUDA only). What is not given comes from
+    `set_load_defaults` (fp32, not moved, unless an inference command set it)."""
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    device = device if device is not None else _DEFAULTS.device
+    device_map = _checked_device_map(device_map) if device_map is not None else _DEFAULTS.device_map
+    target = resolve_device(device) if device or device_map or quantize else "cpu"
+    name = resolve_dtype(dtype if dtype is not None else _DEFAULTS.dtype, target)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(name), "use_safetensors": True}
+    if quantize:
+        check_quantize(quantize, target)
+        kwargs.update(quantization_config=quantization_config(quantize, name), device_map={"": torch.device(target)})
+    elif device_map:
+        kwargs["device_map"] = device_map
     tokenizer = load_tokenizer(name_or_path)
     where = resolve_base(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), use_safetensors=True)
-    except OSError as exc:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as exc:
         raise _unloadable(name_or_path, exc) from None
     except SafetensorError as exc:
         raise MoergeError(f"{where}: a weights file is not a readable safetensors file ({_first_line(exc)})") from None
-    if device:
-        model.to(device)
+    if device and "device_map" not in kwargs:
+        model.to(target)
     model.eval()
+    stored = ((n, p) for n, p in model.state_dict().items() if p.device.type != "meta")  # offloaded: not here
+    check_finite(stored, where, "the base model's weights are damaged")
     return model, tokenizer
 
 
@@ -96,6 +164,9 @@ def fingerprint(model_or_path: PreTrainedModel | str | Path) -> str:
     """A stable id for a base model's weights, the same for its folder and the loaded model."""
     if not isinstance(model_or_path, (str, Path)):
         model = getattr(model_or_path, "get_base_model", lambda: model_or_path)()
+        stored = _stored_folder(model) if _values_not_stored(model) else None
+        if stored is not None:
+            return fingerprint(stored)
         params = [
             (n, tuple(p.shape), (lambda p=p: p))
             for n, p in model.state_dict().items()
@@ -106,6 +177,28 @@ def fingerprint(model_or_path: PreTrainedModel | str | Path) -> str:
     if not folder.is_dir():
         raise MoergeError(f"{model_or_path}: fingerprint needs a local model folder or a loaded model")
     return _digest(_safetensors_entries(folder))
+
+
+def _values_not_stored(model: PreTrainedModel) -> bool:
+    """Whether sampling the loaded values would not give the stored ones' bf16 rounding: a quantised base
+    (packed integers), or one loaded in fp16 (bf16 values below fp16's normal range lose bits)."""
+    import torch
+
+    return is_quantized(model) or any(p.dtype == torch.float16 for p in model.parameters())
+
+
+def _stored_folder(model: PreTrainedModel) -> Path | None:
+    """The local folder (or hub cache snapshot) a model was loaded from, to fingerprint its stored weights;
+    None when it cannot be found (then the loaded values are fingerprinted)."""
+    source = str(getattr(model.config, "_name_or_path", "") or "")
+    if source and Path(source).is_dir():
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception:  # not a hub id, or not in the cache: fall back to the values
+        return None
 
 
 def _safetensors_entries(folder: Path) -> list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:

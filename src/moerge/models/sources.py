@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moerge.errors import MoergeError
-from moerge.paths import atomic_directory, moerge_home
+from moerge.paths import atomic_directory, moerge_home, parse_json
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,38 @@ def check_safetensors_folder(folder: Path) -> None:
     raise MoergeError(f"{folder}: no *.safetensors weights (expected a model folder saved with save_pretrained)")
 
 
+_MODEL_JSON = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "special_tokens_map.json",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_files(folder: Path) -> None:
+    """A local model folder's JSON files parse and it has a tokenizer, so a damaged folder is named
+    with the file and line at fault instead of surfacing as transformers' traceback."""
+    for name in _MODEL_JSON:
+        if (folder / name).is_file():
+            parse_json((folder / name).read_bytes(), folder / name)
+    _check_model_type(folder / "config.json")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise MoergeError(f"{folder}: no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)})")
+
+
+def _check_model_type(config: Path) -> None:
+    from transformers import CONFIG_MAPPING
+
+    fields = parse_json(config.read_bytes(), config)
+    if not isinstance(fields, dict):
+        raise MoergeError(f"{config}: expected a JSON object (the model's configuration)")
+    model_type = fields.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise MoergeError(f"{config}: model_type: {model_type!r} is not an architecture this transformers knows")
+
+
 def resolve_base(name_or_path: str | Path) -> str:
     """A cached/packaged name → its folder; an existing folder → itself; anything else → hub id.
 
@@ -179,6 +211,7 @@ def resolve_base(name_or_path: str | Path) -> str:
         if not (path / "config.json").is_file():
             raise MoergeError(f"{path}: not a model folder (no config.json)")
         check_safetensors_folder(path)
+        check_model_files(path)
         return str(path)
     if text in PACKAGED:
         return str(fetch_model(text))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -20,17 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from rich.console import Console
 
 from moerge.data.formats import MIXED, MOERGE, FormatField, PromptFormat, scoring_format
 from moerge.data.task import Task
 from moerge.errors import MoergeError
 from moerge.paths import write_json_atomic
+from moerge.progress import output_console, styled
 from moerge.recipes.library import TaskEntry
 from moerge.recipes.strategies import Loaded, StrategySpec, Workspace, load_strategy
 from moerge.yamlconf import load_config
 
-console = Console(stderr=True)
+console = output_console(stderr=True)
 CACHE_VERSION = 2
 
 
@@ -139,7 +140,7 @@ class Comparison:
         }
 
 
-def prepare(config: CompareConfig, out: Path, *, progress: bool = True) -> Comparison:
+def prepare(config: CompareConfig, out: Path, *, retrain: bool = False, progress: bool = True) -> Comparison:
     """Fetch the base, train (or reuse) the held-in experts, load every task with its training split."""
     from moerge.data.loaders import load_task
     from moerge.library import ExpertLibrary
@@ -155,8 +156,8 @@ def prepare(config: CompareConfig, out: Path, *, progress: bool = True) -> Compa
         prompt_format=config.prompt_format,
         tasks=config.held_in,
     )
-    console.print(f"[bold]experts[/bold]: {len(config.held_in)} held-in tasks → library {config.library}")
-    train_library(library_recipe, progress=progress)
+    console.print(styled(("experts", "bold"), f": {len(config.held_in)} held-in tasks → library {config.library}"))
+    train_library(library_recipe, retrain=retrain, progress=progress)
     library = ExpertLibrary(config.library)
     held_in, experts, hashes = {}, {}, {}
     for entry in config.held_in:
@@ -277,6 +278,7 @@ def _score_task(comparison: Comparison, lazy: LazyModel, task: Task, name: str, 
             split="test",
             limit=limit,
             batch_context=lambda n: routing_context(task_ids=[name] * n),
+            keep_predictions=True,
         )
         seconds = time.perf_counter() - started
     return {**result, "format_note": note, "seconds": seconds, **memory, **loaded.params}
@@ -367,24 +369,52 @@ def expert_cost(meta: Any) -> dict[str, Any]:
     return {"method": meta.method, "steps": meta.hyperparameters.get("steps"), **{k: meta.cost.get(k) for k in keys}}
 
 
-OUT_ENTRIES = {"cache", "routers", "plots", "results.json", "results.csv", "report.md", "report.html"}
+OUT_ENTRIES = {"cache", "routers", "plots", "predictions", "results.json", "results.csv", "report.md", "report.html"}
 """What a compare writes into `--out` (plus hidden temp files, and the library when it lives there)."""
 
 
-def claim_out(out: Path, library: str) -> None:
-    """`--out` is a new or empty folder, or one holding only what a compare writes (a rerun resumes it);
-    anything else is refused before any work, so a compare never writes into a folder of yours."""
+COMPARE_MARKER = ".moerge-compare"
+"""Written into `--out` when a compare claims it, so a rerun knows the folder is a compare's."""
+
+
+def claim_out(out: Path, library: str) -> bool:
+    """`--out` is a new or empty folder, or a compare's own (a rerun resumes it); anything else is
+    refused before any work, so a compare never writes into a folder of yours — not even one that only
+    holds files named like a compare's (your own report.md). Marks the folder as a compare's and
+    returns whether this call created it."""
     if out.exists() and not out.is_dir():
         raise MoergeError(f"{out}: --out exists and is not a folder; choose a new or empty folder")
-    if not out.is_dir():
-        return
+    created = not out.is_dir()
+    if not created:
+        _check_compare_folder(out, library)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / COMPARE_MARKER).touch()
+    return created
+
+
+def _check_compare_folder(out: Path, library: str) -> None:
     own = OUT_ENTRIES | {Path(library).name} if Path(library).parent.resolve() == out.resolve() else OUT_ENTRIES
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in own and not p.name.startswith("."))
+    entries = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+    foreign = sorted(name for name in entries if name not in own)
     if foreign:
         raise MoergeError(
             f"{out}: --out holds {foreign[0]!r}, which a compare does not write; choose a new or empty folder "
             "(a compare's own folder is resumed)"
         )
+    # `cache/` marks the outputs of compares from before the marker existed
+    ours = (out / COMPARE_MARKER).is_file() or (out / "cache").is_dir()
+    written = sorted(name for name in entries if name in OUT_ENTRIES)
+    if written and not ours:
+        raise MoergeError(
+            f"{out}: --out holds {written[0]!r} but is not a compare's folder (no {COMPARE_MARKER}); "
+            "choose a new or empty folder"
+        )
+
+
+def _remove_if_unused(out: Path) -> None:
+    """A compare that failed before writing anything leaves no empty --out behind."""
+    if {p.name for p in out.iterdir()} <= {COMPARE_MARKER}:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def best_router(out: Path) -> tuple[str, Path]:
@@ -416,20 +446,26 @@ def best_router(out: Path) -> tuple[str, Path]:
     return best, folder
 
 
-def run_compare(config: CompareConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Prepare experts, evaluate every strategy, write results.json/.csv, report.md and report.html."""
-    from moerge.recipes.report import summarise_results, write_reports
+def run_compare(config: CompareConfig, out: Path, *, retrain: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Prepare experts, evaluate every strategy, write results.json/.csv, report.md and report.html.
+    `retrain`: replace library experts of the held-in tasks' names that other settings made."""
+    from moerge.recipes.report import summarise_results, write_predictions, write_reports
 
-    claim_out(out, config.library)
-    out.mkdir(parents=True, exist_ok=True)
-    comparison = prepare(config, out, progress=progress)
+    created = claim_out(out, config.library)
+    try:
+        comparison = prepare(config, out, retrain=retrain, progress=progress)
+    except BaseException:
+        if created:
+            _remove_if_unused(out)
+        raise
     raw = []
     for i, spec in enumerate(config.strategies, start=1):
-        console.print(f"[bold][{i}/{len(config.strategies)}] strategy {spec.name}[/bold] ({spec.kind})")
+        console.print(styled((f"[{i}/{len(config.strategies)}] strategy {spec.name}", "bold"), f" ({spec.kind})"))
         raw.append(evaluate_strategy(comparison, spec))
     results = summarise_results(raw, held_in=list(comparison.held_in), held_out=list(comparison.held_out))
     library = comparison.workspace.library
     results["experts"] = {name: expert_cost(library.meta(name)) for name in comparison.held_in}
     results["recipe"] = config.model_dump(mode="json")
+    write_predictions(raw, out)
     write_reports(results, out)
     return results

@@ -8,7 +8,7 @@ from typing import Any
 
 from moerge.progress import output_console
 from moerge.recipes.compare import CompareConfig, load_compare_config, run_compare
-from moerge.recipes.report import experts_table, results_table
+from moerge.recipes.report import experts_table, headline_conclusions, results_table
 
 console = output_console()
 
@@ -28,6 +28,8 @@ def run_demo(recipe_path: Path | None, out: Path) -> dict[str, Any]:
     results = run_compare(recipe, out)
     console.print(experts_table(results).to_rich())
     console.print(results_table(results).to_rich())
+    for line in headline_conclusions(results):
+        console.print(line, soft_wrap=True)
     console.print(f"report: {(out / 'report.html').resolve()}")
     routed = any(row["kind"] == "router" for row in results["rows"])
     serve = f"moerge serve --library {recipe.library}" + (f" --from-compare {out.resolve()}" if routed else "")

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from rich.console import Console
 
 from moerge.data.formats import FormatField, PromptFormat
 from moerge.errors import MoergeError
 from moerge.library import ExpertLibrary
 from moerge.library.library import validate_name
 from moerge.paths import moerge_home
+from moerge.progress import output_console
 from moerge.recipes.train import train_expert
 from moerge.train.config import TrainConfig, config_from_dict
 from moerge.train.methods import METHODS
@@ -137,7 +137,7 @@ def check_entries(config: LibraryConfig, source: Source) -> None:
         entry_config(config, entry, source.at("tasks", index, "overrides"))
 
 
-console = Console(stderr=True)
+console = output_console(stderr=True)
 
 
 def entry_config(config: LibraryConfig, entry: TaskEntry, source: Source | None = None) -> TrainConfig:
@@ -171,21 +171,51 @@ def open_or_create(location: str) -> ExpertLibrary:
         return ExpertLibrary.create(location)  # refuses, clearly, a non-empty folder that is not a library
 
 
-def train_library(recipe: LibraryConfig, *, progress: bool = True) -> dict[str, str]:
-    """Train every expert the recipe lists into its library; returns name → 'trained' or 'reused'."""
+def train_library(recipe: LibraryConfig, *, retrain: bool = False, progress: bool = True) -> dict[str, str]:
+    """Train every expert the recipe lists into its library; returns name → 'trained' or 'reused'.
+
+    An expert of the same name trained with other settings is refused before anything is trained,
+    unless `retrain` (it may serve routers and merges built on it: replacing it is the user's call)."""
     library = open_or_create(recipe.library)
     configs = [(entry.expert_name, entry_config(recipe, entry)) for entry in recipe.tasks]
+    if not retrain:
+        for name, cfg in configs:
+            check_not_replacing(library, name, cfg)
     outcome: dict[str, str] = {}
     for i, (name, cfg) in enumerate(configs, start=1):
         console.print(f"[{i}/{len(configs)}] {name}: {cfg.method} on {cfg.task}")
-        outcome[name] = ensure_expert(library, name, cfg, progress=progress)
+        outcome[name] = ensure_expert(library, name, cfg, retrain=retrain, progress=progress)
     return outcome
 
 
-def ensure_expert(library: ExpertLibrary, name: str, cfg: TrainConfig, *, progress: bool = True) -> str:
-    """Train `cfg` into `library` as `name` unless it is there with the same settings: 'trained'/'reused'."""
+def check_not_replacing(library: ExpertLibrary, name: str, cfg: TrainConfig) -> None:
+    """Refuse to train `name` over a library expert of that name that these settings did not make."""
+    if name not in library.names() or is_up_to_date(library, name, cfg):
+        return
+    recorded = library.meta(name).hyperparameters
+    changed = [
+        f"{key} {value!r} → {getattr(cfg, key)!r}"
+        for key, value in recorded.items()
+        if key != "config_hash" and getattr(cfg, key, value) not in (value, None, "auto")  # auto: resolved later
+    ]
+    what = f"with other settings ({', '.join(changed)})" if changed else "with other settings"
+    if "config_hash" not in recorded:
+        what = "outside a recipe (imported or added by hand)"
+    raise MoergeError(
+        f"{library.url}: expert {name!r} is already there, trained {what}; pass --retrain to replace it, "
+        "or give this task's expert another name (name: in the recipe)"
+    )
+
+
+def ensure_expert(
+    library: ExpertLibrary, name: str, cfg: TrainConfig, *, retrain: bool = False, progress: bool = True
+) -> str:
+    """Train `cfg` into `library` as `name` unless it is there with the same settings: 'trained'/'reused'.
+    Another expert of that name is replaced only when `retrain`."""
     if is_up_to_date(library, name, cfg):
         return "reused"
+    if not retrain:
+        check_not_replacing(library, name, cfg)
     stage = staging_dir(library, name)
     train_expert(cfg, stage, resume=True, overwrite=True, progress=progress)
     library.add(stage, name=name, overwrite=True)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from moerge.eval.stats import stratified_ci, summarise
+from moerge.eval.stats import holm, mcnemar, paired_matrix, stratified_ci, summarise
 from moerge.paths import write_json_atomic, write_text_atomic
 from moerge.tables import Cell, Column, Interval, Table, cell
 
@@ -119,7 +121,279 @@ def summarise_results(raw: list[dict[str, Any]], *, held_in: list[str], held_out
             if base and None not in (base["general_acc"], r["general_acc"])
             else None
         )
-    return {"rows": rows, "held_in": held_in, "held_out": held_out}
+    results = {"rows": rows, "held_in": held_in, "held_out": held_out}
+    results["significance"] = paired_statistics(raw, {"held_in": held_in, "held_out": held_out})
+    results["conclusions"] = conclusions(results)
+    results["disagreements"] = disagreements(raw, [*held_in, *held_out])
+    return results
+
+
+# ---- paired significance: every strategy is scored on the same examples ----------------------------------
+
+ALPHA = 0.05
+GROUP_NAMES = {"held_in": "held-in", "held_out": "held-out"}
+
+
+def _mcnemar_stats(tasks: dict[str, dict[str, list[float]]], x: str, y: str, shared: list[str]) -> dict[str, Any]:
+    """McNemar's exact test on the pooled examples of the shared tasks, and per task the mean difference
+    with McNemar's exact p (per-task p-values are not corrected for multiplicity)."""
+    pairs = [(tasks[t][x], tasks[t][y]) for t in shared]
+    pooled = mcnemar([v for a, _ in pairs for v in a], [v for _, b in pairs for v in b])
+    per_task = {
+        t: {"diff": (sum(a) - sum(b)) / len(a), **mcnemar(a, b)} for t, (a, b) in zip(shared, pairs, strict=True)
+    }
+    return {"mcnemar": pooled, "per_task": per_task}
+
+
+def _resamples(pairs: int, alpha: float) -> int:
+    """Enough bootstrap resamples that the smallest p a resample count allows, 2/(B+1), stays well below
+    alpha after Holm multiplies it by the number of pairs."""
+    return max(10_000, math.ceil(20 * pairs / alpha))
+
+
+def paired_statistics(raw: list[dict[str, Any]], groups: dict[str, list[str]], *, alpha: float = ALPHA) -> dict:
+    """For every group (held-in, held-out) and every pair of strategies scored on it: the paired
+    difference of macro means (a − b) with its 95% interval and bootstrap p, the p Holm-adjusted across all
+    the group's pairs, whether it is significant at `alpha` after that correction, and McNemar's exact test.
+
+    A pair is compared on the group's tasks both strategies were scored on, with as many examples (an oracle
+    has no held-out tasks, so it is left out of held-out comparisons).
+    """
+    out: dict[str, Any] = {"alpha": alpha, "correction": "holm", "groups": {}}
+    names = [item["strategy"]["name"] for item in raw]
+    every = [(x, y) for i, x in enumerate(names) for y in names[i + 1 :]]
+    for group, members in groups.items():
+        tasks = {
+            t: {
+                item["strategy"]["name"]: item["tasks"][t]["scores"]
+                for item in raw
+                if item["tasks"].get(t, {}).get("scores")
+            }
+            for t in members
+        }
+        resamples = _resamples(len(every), alpha)
+        found = paired_matrix(tasks, every, resamples=resamples)
+        pairs = [
+            {"a": x, "b": y, **found[(x, y)], **_mcnemar_stats(tasks, x, y, found[(x, y)]["tasks"])}
+            for x, y in every
+            if (x, y) in found
+        ]
+        adjusted, rejected = holm([p["p"] for p in pairs], alpha=alpha)
+        for pair, p_holm, significant in zip(pairs, adjusted, rejected, strict=True):
+            pair.update(p_holm=p_holm, significant=significant)
+        out["groups"][group] = {"pairs": pairs, "resamples": resamples}
+    return out
+
+
+SWAPPED = ("a", "b", "diff", "ci_low", "ci_high", "p", "p_holm", "significant", "n", "tasks")
+
+
+def _find_pair(results: dict[str, Any], group: str, x: str, y: str) -> dict[str, Any] | None:
+    """The statistics of x − y on `group` (stored once per pair as a − b; turned round when needed)."""
+    for pair in results.get("significance", {}).get("groups", {}).get(group, {}).get("pairs", []):
+        if (pair["a"], pair["b"]) == (x, y):
+            return pair
+        if (pair["a"], pair["b"]) == (y, x):
+            return _turned(pair)
+    return None
+
+
+def _turned(pair: dict[str, Any]) -> dict[str, Any]:
+    """b − a from a − b: the difference and its interval negated; the McNemar details are left out."""
+    flipped = {
+        "a": pair["b"],
+        "b": pair["a"],
+        "diff": 0.0 - pair["diff"],  # 0.0 − x, not −x: no "-0.000" for a zero difference
+        "ci_low": 0.0 - pair["ci_high"],
+        "ci_high": 0.0 - pair["ci_low"],
+    }
+    return {**{k: pair[k] for k in SWAPPED}, **flipped}
+
+
+def _evidence(pair: dict[str, Any]) -> str:
+    return f"{pair['diff']:+.3f} [{pair['ci_low']:+.2f}, {pair['ci_high']:+.2f}], p={_p(pair['p_holm'])} Holm"
+
+
+def _p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else "<0.001"
+
+
+def _pair_sentence(pair: dict[str, Any], group: str) -> str:
+    """ "X beats Y on held-in (...)" with the winner first, or that the data cannot tell them apart."""
+    label = GROUP_NAMES[group]
+    if not pair["significant"]:
+        return f"the data cannot tell {pair['a']} and {pair['b']} apart on {label} ({_evidence(pair)})"
+    if pair["diff"] < 0:
+        pair = _turned(pair)
+    return f"{pair['a']} beats {pair['b']} on {label} ({_evidence(pair)})"
+
+
+def _best_sentence(results: dict[str, Any], group: str) -> str | None:
+    """The highest macro mean is called best only if it beats every other strategy significantly;
+    otherwise the sentence names the strategies the data cannot tell it apart from."""
+    scored = [
+        (r["strategy"], r[group]["mean"]) for r in results["rows"] if r.get(group) and r[group]["mean"] is not None
+    ]
+    if len(scored) < 2:
+        return None
+    leader, mean = max(scored, key=lambda x: x[1])
+    label = GROUP_NAMES[group]
+    tied = []
+    for other, _ in scored:
+        pair = _find_pair(results, group, leader, other) if other != leader else None
+        if other != leader and not (pair and pair["significant"] and pair["diff"] > 0):
+            tied.append(other)
+    if not tied:
+        return f"best on {label}: {leader} ({mean:.3f}), significantly above every other strategy"
+    return (
+        f"no strategy is best on {label}: {leader} has the highest mean ({mean:.3f}), but the data cannot tell it "
+        f"apart from {', '.join(tied)}"
+    )
+
+
+def conclusions(results: dict[str, Any]) -> dict[str, list[str]]:
+    """Per group, the sentences the report prints, all from the significance matrix: who is best (only
+    when it beats every other strategy significantly), then each significant win, then the pairs the data
+    cannot tell apart."""
+    out = {}
+    for group, stats in results.get("significance", {}).get("groups", {}).items():
+        pairs = stats["pairs"]
+        best = _best_sentence(results, group)
+        wins = [_pair_sentence(p, group) for p in pairs if p["significant"]]
+        ties = [_pair_sentence(p, group) for p in pairs if not p["significant"]]
+        out[group] = [*([best] if best else []), *wins, *ties]
+    return out
+
+
+def headline_conclusions(results: dict[str, Any]) -> list[str]:
+    """What a terminal prints under the table: who is best and each significant win; the pairs the data
+    cannot tell apart are counted, their sentences are in the report."""
+    lines = []
+    for group, stats in results.get("significance", {}).get("groups", {}).items():
+        best = _best_sentence(results, group)
+        lines += [*([best] if best else []), *(_pair_sentence(p, group) for p in stats["pairs"] if p["significant"])]
+        tied = sum(not p["significant"] for p in stats["pairs"])
+        if tied:
+            lines.append(f"{GROUP_NAMES[group]}: {tied} pairs the data cannot tell apart (see the report)")
+    return lines
+
+
+def significance_table(results: dict[str, Any], group: str) -> Table:
+    """Strategy × strategy: row − column on the group's macro mean, 95% paired interval, Holm-adjusted p,
+    and * where the difference is significant after the correction."""
+    names = [r["strategy"] for r in results["rows"] if r.get(group)]
+    columns = [STRATEGY, *(Column(f"vs:{n}", n, "right", interval=True) for n in names)]
+    rows = []
+    for x in names:
+        cells = [cell(x)]
+        for y in names:
+            pair = _find_pair(results, group, x, y) if x != y else None
+            cells.append(_diff_cell(pair, len(results[group])))
+        rows.append(cells)
+    stats = results.get("significance", {})
+    count = len(stats.get("groups", {}).get(group, {}).get("pairs", []))
+    title = (
+        f"{GROUP_NAMES[group]}: row − column (macro mean), 95% paired bootstrap interval, p Holm-adjusted over "
+        f"{count} pairs; * significant at α={stats.get('alpha', ALPHA)}"
+    )
+    return Table(title, columns, rows)
+
+
+def _diff_cell(pair: dict[str, Any] | None, tasks: int) -> Cell:
+    """The difference, its interval and Holm p; "(k/m tasks)" when the two share only k of the m tasks."""
+    if pair is None:
+        return Cell(None, "—")
+    text = f"{pair['diff']:+.3f} [{pair['ci_low']:+.2f}, {pair['ci_high']:+.2f}] p={_p(pair['p_holm'])}"
+    if len(pair["tasks"]) < tasks:
+        text += f" ({len(pair['tasks'])}/{tasks} tasks)"
+    return Cell(Interval(pair["diff"], pair["ci_low"], pair["ci_high"]), f"{text} *" if pair["significant"] else text)
+
+
+# ---- per-example predictions: where strategies disagree ---------------------------------------------------
+
+DISAGREEMENTS = 5
+EXCERPT = 120
+
+
+def _answer(row: dict[str, Any]) -> str:
+    return str(row["chosen"] if "chosen" in row else row.get("output", ""))
+
+
+def _excerpt(text: str, limit: int = EXCERPT) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def disagreements(raw: list[dict[str, Any]], tasks: list[str], *, limit: int = DISAGREEMENTS) -> dict[str, Any]:
+    """Per task, up to `limit` examples on which the strategies' answers differ (those where some are right
+    and some wrong first), each with the question, target and every strategy's answer and correctness;
+    and which (strategy, task) had no predictions (scores cached before predictions were kept)."""
+    examples: dict[str, list[dict[str, Any]]] = {}
+    missing = []
+    for task in tasks:
+        kept = {}
+        for item in raw:
+            result = item["tasks"].get(task)
+            if result is None:
+                continue
+            if result.get("predictions") is None:
+                missing.append(f"{item['strategy']['name']} on {task}")
+            else:
+                kept[item["strategy"]["name"]] = result["predictions"]
+        if len(kept) >= 2 and len({len(rows) for rows in kept.values()}) == 1:
+            examples[task] = _disagreeing(kept, limit)
+    return {"examples": examples, "missing": missing}
+
+
+def _disagreeing(kept: dict[str, list[dict[str, Any]]], limit: int) -> list[dict[str, Any]]:
+    found = []
+    for rows in zip(*kept.values(), strict=True):
+        answers = {name: _answer(row) for name, row in zip(kept, rows, strict=True)}
+        correct = {name: bool(row.get("correct")) for name, row in zip(kept, rows, strict=True)}
+        if len(set(answers.values())) > 1:
+            first = rows[0]
+            question = first.get("input", first.get("prompt", ""))
+            item = {"index": first["index"], "input": _excerpt(question), "target": first["target"]}
+            found.append({**item, "answers": answers, "correct": correct})
+    found.sort(key=lambda e: len(set(e["correct"].values())) == 1)  # stable: mixed right/wrong first
+    return found[:limit]
+
+
+def disagreement_table(results: dict[str, Any], task: str) -> Table:
+    """One task's disagreeing examples: question excerpt, target, and each strategy's answer (✓ right, ✗ wrong)."""
+    found = results.get("disagreements", {}).get("examples", {}).get(task, [])
+    names = list(found[0]["answers"]) if found else []
+    columns = [Column("index", "#", "right"), Column("input", "question"), Column("target", "target")]
+    columns += [Column(f"answer:{n}", n) for n in names]
+    rows = []
+    for e in found:
+        answers = [
+            Cell(e["answers"][n], f"{_excerpt(e['answers'][n], 60)} {'✓' if e['correct'][n] else '✗'}") for n in names
+        ]
+        rows.append([cell(e["index"]), cell(e["input"]), cell(e["target"]), *answers])
+    return Table(f"{task}: examples where strategies answer differently", columns, rows)
+
+
+def _file_name(name: str) -> str:
+    """A strategy or task name as one safe path component."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
+    return safe or "_"
+
+
+def write_predictions(raw: list[dict[str, Any]], out: Path) -> list[Path]:
+    """predictions/<strategy>/<task>.jsonl for every (strategy, task) with predictions, atomically; the
+    file of a (strategy, task) scored without predictions is removed, so none is left from another run."""
+    written = []
+    for item in raw:
+        for task, result in item["tasks"].items():
+            path = out / "predictions" / _file_name(item["strategy"]["name"]) / f"{_file_name(task)}.jsonl"
+            rows = result.get("predictions")
+            if rows is None:
+                path.unlink(missing_ok=True)
+                continue
+            write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            written.append(path)
+    return written
 
 
 def fmt(key: str, value: Any) -> str:
@@ -228,11 +502,26 @@ class ReportTables(NamedTuple):
     per_task: Table
     experts: Table
     format_notes: list[str]
+    significance: list[Table]  # one strategy × strategy matrix per group with at least one pair
+    conclusions: list[str]  # every group's sentences, from the matrices
+    disagreements: list[Table]  # one per task with examples where the strategies' answers differ
+    predictions_missing: list[str]  # "<strategy> on <task>" scored from a cache without predictions
 
 
 def report_tables(results: dict[str, Any]) -> ReportTables:
     """Build each table once for write_reports, which renders it into every file."""
-    return ReportTables(results_table(results), per_task_table(results), experts_table(results), format_notes(results))
+    groups = [g for g, stats in results.get("significance", {}).get("groups", {}).items() if stats["pairs"]]
+    found = results.get("disagreements", {})
+    return ReportTables(
+        results_table(results),
+        per_task_table(results),
+        experts_table(results),
+        format_notes(results),
+        [significance_table(results, g) for g in groups],
+        [line for g in groups for line in results.get("conclusions", {}).get(g, [])],
+        [disagreement_table(results, t) for t, examples in found.get("examples", {}).items() if examples],
+        found.get("missing", []),
+    )
 
 
 # ---- plots ------------------------------------------------------------------------------------------
@@ -330,14 +619,51 @@ def _formats_section(notes: list[str]) -> str:
     return f"{MISMATCH} scored in a prompt format other than the one its experts were trained with:" if notes else ""
 
 
+SIGNIFICANCE_NOTES = (
+    "Every strategy is scored on the same test examples, so differences are paired: each cell is row − column "
+    "on the macro mean, with a 95% paired bootstrap interval (examples resampled within each task, jointly for "
+    "both strategies) and its bootstrap p-value, Holm-adjusted over all pairs of the group. A claim is made only "
+    "where the adjusted p is below α; results.json also has McNemar's exact test per pair and per task."
+)
+DISAGREEMENT_NOTES = (
+    "Up to five examples per task on which the strategies' answers differ (some right and some wrong first); "
+    "✓ right, ✗ wrong. Every example's prediction is in predictions/<strategy>/<task>.jsonl."
+)
+
+
+def _missing_note(missing: list[str]) -> str:
+    if not missing:
+        return ""
+    return (
+        f"No predictions for {', '.join(missing)}: scored from a cache written before predictions were kept "
+        "(delete those files under cache/ to score them again with predictions)."
+    )
+
+
+def _markdown_significance(tables: ReportTables) -> str:
+    if not tables.significance:
+        return ""
+    matrices = "\n\n".join(f"**{t.title}**\n\n{t.to_markdown()}" for t in tables.significance)
+    lines = "".join(f"\n- {line}" for line in tables.conclusions)
+    return f"## Which differences are real\n\n{SIGNIFICANCE_NOTES}\n\n{matrices}\n\nWhat the data says:\n{lines}\n\n"
+
+
+def _markdown_disagreements(tables: ReportTables) -> str:
+    if not tables.disagreements and not tables.predictions_missing:
+        return ""
+    found = "\n\n".join(f"**{t.title}**\n\n{t.to_markdown()}" for t in tables.disagreements)
+    note = f"{DISAGREEMENT_NOTES} {_missing_note(tables.predictions_missing)}".rstrip()
+    return f"## Where strategies disagree\n\n{note}\n\n{found}\n\n"
+
+
 def render_markdown(tables: ReportTables, plots: dict[str, bytes]) -> str:
     """report.md: the same sections as report.html, with the plots as files under plots/."""
     images = "\n".join(f"![{name}](plots/{name}.png)" for name in plots)
     formats = "".join(f"\n- {note}" for note in tables.format_notes)
     return (
-        f"# moerge compare\n\n{tables.results.to_markdown()}\n\n{NOTES}\n\n## Per task\n\n"
-        f"{tables.per_task.to_markdown()}\n\n{_formats_section(tables.format_notes)}{formats}\n\n"
-        f"## Experts\n\n{tables.experts.to_markdown()}\n\n## Plots\n\n{images}\n"
+        f"# moerge compare\n\n{tables.results.to_markdown()}\n\n{NOTES}\n\n{_markdown_significance(tables)}"
+        f"## Per task\n\n{tables.per_task.to_markdown()}\n\n{_formats_section(tables.format_notes)}{formats}\n\n"
+        f"{_markdown_disagreements(tables)}## Experts\n\n{tables.experts.to_markdown()}\n\n## Plots\n\n{images}\n"
     )
 
 
@@ -346,6 +672,25 @@ def _formats_html(notes: list[str]) -> str:
         return ""
     items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
     return f"<p>{html.escape(_formats_section(notes))}</p><ul>{items}</ul>"
+
+
+def _html_significance(tables: ReportTables) -> str:
+    if not tables.significance:
+        return ""
+    matrices = "".join(t.to_html(f"significance-{i}") for i, t in enumerate(tables.significance))
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in tables.conclusions)
+    return (
+        f"<h2>Which differences are real</h2><p>{html.escape(SIGNIFICANCE_NOTES)}</p>{matrices}"
+        f"<p>What the data says:</p><ul id='conclusions'>{items}</ul>"
+    )
+
+
+def _html_disagreements(tables: ReportTables) -> str:
+    if not tables.disagreements and not tables.predictions_missing:
+        return ""
+    found = "".join(t.to_html(f"disagree-{i}") for i, t in enumerate(tables.disagreements))
+    note = f"{DISAGREEMENT_NOTES} {_missing_note(tables.predictions_missing)}"
+    return f"<h2>Where strategies disagree</h2><p>{html.escape(note)}</p>{found}"
 
 
 def render_html(tables: ReportTables, plots: dict[str, bytes]) -> str:
@@ -363,7 +708,9 @@ def render_html(tables: ReportTables, plots: dict[str, bytes]) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>moerge compare</title><style>{style}</style>"
         f"</head><body><h1>moerge compare</h1>{tables.results.to_html('results')}<p>{html.escape(NOTES)}</p>"
+        f"{_html_significance(tables)}"
         f"<h2>Per task</h2>{tables.per_task.to_html('per-task')}{_formats_html(tables.format_notes)}"
+        f"{_html_disagreements(tables)}"
         f"<h2>Experts</h2>{tables.experts.to_html('experts')}"
         f"<h2>Plots</h2>{images}</body></html>"
     )

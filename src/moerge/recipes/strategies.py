@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_serializer, model_validator
-from rich.console import Console
 
 from moerge.data.formats import MIXED, Recorded
 from moerge.errors import MoergeError
+from moerge.progress import output_console
 from moerge.registry import Registry
 from moerge.yamlconf import Source, an_option_of, first_error
 
-console = Console(stderr=True)
+console = output_console(stderr=True)
 ExpertsUsed = Literal["none", "own", "all"]
 
 

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rich.console import Console
-
 from moerge.data.formats import Recorded, combined
 from moerge.data.loaders import load_task
 from moerge.errors import MoergeError
@@ -39,12 +37,13 @@ from moerge.library.expert import (
     write_expert_meta,
 )
 from moerge.paths import EXPERT, atomic_directory, check_replaceable, write_json_atomic
-from moerge.train.checkpoint import checkpoint_dir_for, has_checkpoint
+from moerge.progress import output_console
+from moerge.train.checkpoint import WORK_MARKER, checkpoint_dir_for, has_checkpoint
 from moerge.train.config import StagedConfig, TrainConfig
 from moerge.train.loop import Start, fit, load_start
 from moerge.train.methods import get_method
 
-console = Console(stderr=True)
+console = output_console(stderr=True)
 PSEUDO_FILE = "pseudo.jsonl"
 PSEUDO_META = "pseudo.json"
 Role = Literal["train", "pseudo_label", "pseudo_train"]
@@ -122,10 +121,14 @@ def _check_start(recipe: StagedConfig, index: int) -> None:
 def claim_output(out: Path, *, resume: bool, restart: bool, overwrite: bool, started: bool) -> None:
     """Refuse to clobber anything but an expert (the shared rule, `check_replaceable`), an expert
     without `overwrite`, or to silently drop an interrupted run (`started`: one left progress)."""
+    if resume and restart:
+        raise MoergeError("--resume and --restart: give one (--resume continues the run, --restart drops it)")
     check_replaceable(out, overwrite=overwrite, kind=EXPERT)
     workdir = checkpoint_dir_for(out)
     if workdir.is_symlink() or (workdir.exists() and not workdir.is_dir()):
         raise MoergeError(f"{workdir}: in the way of the training work folder (not a folder); move it away")
+    if workdir.is_dir() and any(workdir.iterdir()) and not (started or (workdir / WORK_MARKER).is_file()):
+        raise MoergeError(f"{workdir}: in the way of the training work folder (moerge did not make it); move it away")
     if started and not resume:
         if not restart:
             raise MoergeError(f"{out}: an interrupted run left a checkpoint; pass --resume to continue or --restart")

@@ -48,11 +48,13 @@ class Metrics:
         )
         self.batch_rows = Histogram(
             "moerge_batch_rows",
-            "requests answered together by one batched generate",
+            "rows (choices of requests) decoded together in each step of the shared batch",
             buckets=(1, 2, 4, 8, 16, 32),
             registry=self.registry,
         )
         engine.batch_observers.append(self.batch_rows.observe)
+        running = Gauge("moerge_batch_running", "rows in the shared batch now", registry=self.registry)
+        running.set_function(lambda: len(engine.rows))
         queue = Gauge("moerge_queue_depth", "requests queued or running", registry=self.registry)
         queue.set_function(lambda: engine.depth)
 

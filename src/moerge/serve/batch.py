@@ -1,15 +1,20 @@
-"""Many experts in one forward pass: the library's plain LoRA experts stacked on one base model (the
-stacked-expert layer routers use), each row of a batch reading its own expert's update.
+"""Many experts in one forward pass, with continuous (iteration-level) batching.
 
-Greedy requests for `base` or any plain LoRA expert that arrive together are answered by one batched
-`generate`: row i gets a one-hot routing weight on its expert (all zeros for `base`), applied as a
-per-example update (`merge` aggregation: one gathered expert per row, not K). A request for expert A
-thus never waits behind a whole generation for expert B. An expert added to the library while the
-server runs is stacked the first time it is asked for.
+The library's plain LoRA experts are stacked on one base model (the stacked-expert layer routers use);
+row i of a batch reads its own expert's update through a one-hot routing weight (all zeros for `base`),
+applied per example (`merge` aggregation: one gathered expert per row, not K).
+
+`DecodeBatch` holds the KV cache of every running row, left-padded to one length with a padding mask
+and each row's own next position. A request joins at the next decoding step: its prompt is prefilled
+alone (so its first token is exactly what it would be alone), and its cache is padded and concatenated
+to the batch's; a row that finishes is dropped from the cache at once. A request for expert A thus
+never waits for a generation for expert B, and nothing waits for the longest row of a batch.
+An expert added to the library while the server runs is stacked the first time it is asked for.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from moerge.errors import MoergeError
@@ -24,53 +29,224 @@ class ExpertStack:
         self.model: Any = None
         self.tokenizer: Any = None
         self.names: list[str] = []
+        self.supported = True  # the model's KV cache can be padded, merged and split per row
         self._plain: dict[str, bool] = {}
+        self._keep_logits: dict[str, int] = {}
+        self._cache_arg = "cache"  # transformers 5 names the forward's cache `cache`; older ones `past_key_values`
 
     def accepts(self, name: str) -> bool:
-        """`base`, or a library expert whose update is plain LoRA (DoRA, full-weight experts: served alone)."""
+        """`base`, or a library expert whose update is plain LoRA (DoRA, full-weight experts: served
+        alone), on a model whose cache is one growing tensor per layer (not sliding windows)."""
+        if name != BASE and (self.pool.library is None or name in self.pool.routers):
+            return False
+        self._load()
+        if not self.supported:
+            return False
         if name == BASE:
             return True
-        if self.pool.library is None or name in self.pool.routers:
-            return False
         if name not in self._plain:
             self._plain[name] = _is_plain_lora(self.pool.library.path(name))
         return self._plain[name]
 
-    def ensure(self, wanted: set[str]) -> None:
-        """Stack every plain expert of the library, if one of `wanted` is not stacked yet."""
+    def _load(self) -> None:
+        if self.model is not None or not self.supported:
+            return
         from moerge.models import load_base
+
+        self.supported = False  # until it has loaded: a base that fails to load is not retried per request
+        self.model, self.tokenizer = load_base(self.pool.base)
+        params = inspect.signature(self.model.forward).parameters
+        self.supported = "position_ids" in params and _plain_cache(self.model)
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        if "logits_to_keep" in params:
+            self._keep_logits = {"logits_to_keep": 1}
+
+    def ensure(self, wanted: set[str]) -> None:
+        """Stack every plain expert of the library, if one of `wanted` is not stacked yet. Rows already
+        running keep their caches: the base weights are the same, and rows name their expert. When the
+        whole library cannot be stacked (an expert of another base), the stacked ones plus `wanted` are;
+        when that fails too, the stack is left as it was and the error is raised for `wanted` alone."""
+        self._load()
+        if wanted <= set(self.names):
+            return
+        library = [n for n in self.pool.library.names() if self.accepts(n)] if self.pool.library is not None else []
+        previous = list(self.names)
+        try:
+            self._attach(library)
+        except MoergeError:
+            try:
+                self._attach([*previous, *sorted(wanted - set(previous))])
+            except MoergeError:
+                self._attach(previous)
+                raise
+
+    def _attach(self, names: list[str]) -> None:
         from moerge.route import attach_experts
 
-        if self.model is not None and wanted <= set(self.names):
-            return
-        if self.model is None:
-            self.model, self.tokenizer = load_base(self.pool.base)
-        elif hasattr(self.model, "moerge_routing"):
+        if hasattr(self.model, "moerge_routing"):
             self.model = self.model.moerge_routing.detach()
-        names = [n for n in self.pool.library.names() if self.accepts(n)] if self.pool.library is not None else []
-        self.names = names
+        self.names = []
         if names:
             handle = attach_experts(self.model, {n: self.pool.library.path(n) for n in names})
             for layer in handle.layers.values():
                 layer.merge = True  # one expert per row: gather its factors, do not mix all K
+        self.names = names
 
     def select(self, rows: list[str]) -> None:
-        """Row i reads expert `rows[i]` (nothing for `base`) in the next forward passes."""
+        """Row i reads expert `rows[i]` (nothing for `base`) in the next forward passes: one (index,
+        weight) pair per row, so each layer gathers one expert's factors per row."""
         import torch
 
+        from moerge.route.stacked import SparseRouting
+
+        missing = sorted({name for name in rows if name != BASE} - set(self.names))
+        if missing:  # never decode an expert's row with the bare base
+            raise MoergeError(f"experts {missing} are not stacked on the served base")
         handle = getattr(self.model, "moerge_routing", None)
         if handle is None:
             return
-        weights = torch.zeros(len(rows), len(self.names))
-        for i, name in enumerate(rows):
-            if name != BASE:
-                weights[i, self.names.index(name)] = 1.0
-        handle.set_weights(weights)
+        index = [[0 if name == BASE else self.names.index(name)] for name in rows]
+        weight = [[0.0 if name == BASE else 1.0] for name in rows]
+        device = self.device
+        handle.set_weights(SparseRouting(torch.tensor(index, device=device), torch.tensor(weight, device=device)))
 
-    def release(self) -> None:
-        handle = getattr(self.model, "moerge_routing", None)
-        if handle is not None:
-            handle.set_weight_fn(None)
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    def prefill(self, ids: list[int], expert: str) -> tuple[Any, Any]:
+        """(the logits after the prompt, its KV cache): one prompt alone, as `generate` would run it."""
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.select([expert])
+        with torch.no_grad():
+            out = self.model(
+                input_ids=torch.tensor([ids], device=self.device),
+                attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=self.device),
+                position_ids=torch.arange(len(ids), device=self.device)[None],
+                use_cache=True,
+                **{self._cache_arg: cache},
+                **self._keep_logits,
+            )
+        return out.logits[0, -1].float(), cache
+
+    def decode(self, batch: DecodeBatch, tokens: list[int], experts: list[str]) -> Any:
+        """One decoding step of every running row (row i fed `tokens[i]`, reading `experts[i]`): logits [B, V]."""
+        import torch
+
+        self.select(experts)
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        mask = torch.cat([batch.mask, batch.mask.new_ones((len(tokens), 1))], dim=1)
+        with torch.no_grad():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=batch.positions[:, None],
+                use_cache=True,
+                **{self._cache_arg: batch.cache},
+            )
+        batch.mask, batch.positions = mask, batch.positions + 1
+        return out.logits[:, -1].float()
+
+
+class DecodeBatch:
+    """The running rows' KV cache, left-padded to one length: `mask` [B, L] marks real positions,
+    `positions` [B] is each row's next position id (its own length, whatever the padding)."""
+
+    def __init__(self) -> None:
+        self.cache: Any = None
+        self.mask: Any = None
+        self.positions: Any = None
+
+    def __len__(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def join(self, cache: Any, length: int, copies: int) -> None:
+        """Append `copies` rows that continue a prefilled prompt of `length` tokens (its `cache`)."""
+        import torch
+
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(copies, -1, -1, -1)
+            layer.values = layer.values.expand(copies, -1, -1, -1)
+        device = cache.layers[0].keys.device
+        mask = torch.ones((copies, length), dtype=torch.long, device=device)
+        positions = torch.full((copies,), length, dtype=torch.long, device=device)
+        if self.cache is None:
+            self.cache, self.mask, self.positions = cache, mask, positions
+            return
+        width = max(self.mask.shape[1], length)
+        for mine, new in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(new.keys, width, 2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(new.values, width, 2)])
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+        self.positions = torch.cat([self.positions, positions])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (in that order), and drop the leading columns that are padding in all of them."""
+        import torch
+
+        if not rows:
+            self.cache = self.mask = self.positions = None
+            return
+        index = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask[index]
+        drop = int(mask.any(0).nonzero()[0, 0])
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, drop:]
+            layer.values = layer.values[index, :, drop:]
+        self.mask, self.positions = mask[:, drop:], self.positions[index]
+
+
+def next_tokens(logits: Any, samplers: list[tuple[float, float, Any] | None]) -> list[int]:
+    """Each row's next token: greedy (argmax) for a row without a sampler, else sampled from its
+    (temperature, top_p, generator) as transformers' `generate` samples (temperature, then top-p,
+    then one multinomial draw), so a seeded row draws the same tokens in any batch."""
+    import torch
+
+    picked = logits.argmax(-1).tolist()
+    for i, sampler in enumerate(samplers):
+        if sampler is not None:
+            temperature, top_p, generator = sampler
+            probs = torch.softmax(_top_p(logits[i : i + 1] / temperature, top_p), dim=-1)
+            picked[i] = int(torch.multinomial(probs, 1, generator=generator))
+    return picked
+
+
+def _top_p(scores: Any, top_p: float) -> Any:
+    """Transformers' TopPLogitsWarper: drop the least likely tokens whose total mass is at most 1 - top_p."""
+    if top_p >= 1.0:
+        return scores
+    ordered, order = scores.sort(descending=False)
+    remove = ordered.softmax(-1).cumsum(-1) <= (1 - top_p)
+    remove[..., -1:] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+
+
+def _left_pad(tensor: Any, width: int, dim: int) -> Any:
+    """`tensor` with zeros prepended along `dim` up to `width`."""
+    import torch
+
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _plain_cache(model: Any) -> bool:
+    """Whether `model`'s dynamic cache is one growing key/value tensor per layer (sliding-window and
+    other special layers cannot be left-padded and merged; such models are served one request at a time)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # a config transformers cannot read for caching: serve it alone
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def _is_plain_lora(folder: Any) -> bool:

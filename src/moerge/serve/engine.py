@@ -4,6 +4,14 @@ HTTP handlers (asyncio) submit a `Job` and read its events (text deltas, then th
 asyncio queue the worker fills through the event loop; a client that goes away sets `cancelled`, which
 stops its generation at the next token. The job queue is bounded: a full queue is a 429, never an
 unbounded backlog.
+
+Requests for `base` and plain LoRA experts — greedy or sampled, any `n` — are decoded together with
+continuous batching (`moerge.serve.batch`): each joins the running batch at the next decoding step and
+leaves it when its own answer ends (end token, stop sequence, its max_tokens, or its client left).
+Greedy rows give the tokens the request would get alone; a sampled row draws from its own generator
+(seeded by the request's `seed` + choice index), so its answer does not depend on its neighbours.
+Routers and experts that cannot be stacked (DoRA, full weights) are generated alone from the model pool,
+and the shared batch advances one step between their tokens, so it never waits a whole generation.
 """
 
 from __future__ import annotations
@@ -12,12 +20,13 @@ import asyncio
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from moerge.data.formats import scoring_format
 from moerge.data.prompts import chat_prompt_ids
-from moerge.serve.batch import ExpertStack
+from moerge.serve.batch import DecodeBatch, ExpertStack, next_tokens
 from moerge.serve.models import BASE, ModelPool
 from moerge.serve.schemas import ChatRequest, CompletionRequest, ServeError
 
@@ -26,7 +35,7 @@ DELTA = "delta"
 ERROR = "error"
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One request: the resolved model name, the request, and where its events go."""
 
@@ -36,6 +45,9 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    rows: list[Row] = field(default_factory=list)  # its choices, while in the shared batch
+    prompt_tokens: int = 0
 
     def emit(self, kind: str, *payload: Any) -> None:
         try:
@@ -104,43 +116,30 @@ class TextStream:
             self.sent = upto
 
 
-class BatchStream:
-    """A transformers streamer for a batch: hands each row's new token to that row's `TextStream` until
-    the row has ended (its end token; afterwards generate pads it)."""
+@dataclass(eq=False)
+class Row:
+    """One choice of a job in the shared batch: its text so far, the token it feeds next, how it samples."""
 
-    def __init__(self, rows: list[TextStream], eos: int) -> None:
-        self.rows, self.eos = rows, eos
-        self.ended = [False] * len(rows)
-        self.prompt_seen = False
+    job: Job
+    stream: TextStream
+    sampler: tuple[float, float, Any] | None  # (temperature, top_p, generator); None: greedy
+    last: int = -1
+    ended: bool = False  # it generated the end token
+    finished: bool = False
 
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for i, token in enumerate(value.reshape(len(self.rows), -1)[:, -1].tolist()):
-            if not self.ended[i]:
-                self.rows[i].add([token])
-                self.ended[i] = token == self.eos
+    @property
+    def done(self) -> bool:
+        return self.finished or self.job.cancelled.is_set()
 
-    def end(self) -> None:
-        for row in self.rows:
-            row.end()
+    def advance(self, token: int, eos: int | None) -> None:
+        """Take the row's next token; it is finished at its end token, a stop sequence or its max_tokens."""
+        self.last = token
+        self.stream.add([token])
+        self.ended = token == eos
+        self.finished = self.ended or self.stream.stopped or len(self.stream.ids) >= self.job.max_tokens
 
-
-class RowsDone:
-    """Per-row stopping: the client left, a stop sequence, the end token, or the row's own max_tokens."""
-
-    def __init__(self, jobs: list[Job], stream: BatchStream) -> None:
-        self.jobs, self.stream = jobs, stream
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        done = [
-            job.cancelled.is_set() or row.stopped or ended or len(row.ids) >= job.max_tokens
-            for job, row, ended in zip(self.jobs, self.stream.rows, self.stream.ended, strict=True)
-        ]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+    def choice(self) -> Choice:
+        return Choice(self.stream.text, "stop" if self.stream.stopped or self.ended else "length", len(self.stream.ids))
 
 
 class StopWhen:
@@ -156,17 +155,34 @@ class StopWhen:
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
+class Interleave:
+    """A stopping criterion that never stops: between two tokens of a request generated alone, it lets
+    the shared batch take its waiting requests and advance one step."""
+
+    def __init__(self, tick: Any) -> None:
+        self.tick = tick
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        self.tick()
+        return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+
+
 class Engine:
-    """The worker thread and its bounded job queue."""
+    """The worker thread, its bounded job queue and the shared batch."""
 
     def __init__(self, pool: ModelPool, *, max_queue: int = 64, max_batch: int = 16) -> None:
         self.pool, self.max_queue, self.max_batch = pool, max_queue, max_batch
         self.stack = ExpertStack(pool)
+        self.batch = DecodeBatch()
+        self.rows: list[Row] = []  # the running rows, in the batch's order
+        self.pending: deque[Job] = deque()  # taken from the queue, not started yet
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.depth = 0  # jobs queued or running
         self._depth_lock = threading.Lock()
         self.observers: list[Any] = []  # called with (job, result) after each job (metrics)
-        self.batch_observers: list[Any] = []  # called with the number of rows of each batched generate
+        self.batch_observers: list[Any] = []  # called with the number of rows of each batched decoding step
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="moerge-engine", daemon=True)
         self._thread.start()
@@ -184,102 +200,152 @@ class Engine:
         self.jobs.put(None)
         self._thread.join(timeout=10)
 
-    def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            arrived = [job, *self._waiting()]
-            live = [j for j in arrived if not j.cancelled.is_set()]
-            together = [j for j in live if self._batchable(j)]
-            if together:
-                self._answer(together, self.run_batch)
-            for single in (j for j in live if j not in together):
-                self._answer([single], lambda jobs: [self.run(jobs[0])])
-            with self._depth_lock:
-                self.depth -= len(arrived)
-            if self._stopping:
-                return
+    # ------------------------------------------------------------------------------------ scheduling
 
-    def _waiting(self) -> list[Job]:
-        """The jobs that arrived while the last ones ran (up to `max_batch` in all), without waiting."""
-        found: list[Job] = []
-        while len(found) < self.max_batch - 1:
-            try:
+    def _work(self) -> None:
+        try:
+            while not self._stopping:
+                self._take(block=not self.rows and not self.pending)
+                self._admit()
+                alone = next((job for job in self.pending if not self._batchable(job)), None)
+                if alone is not None:
+                    self.pending.remove(alone)
+                    self._run_alone(alone)
+                elif self.rows:
+                    self._step()
+        finally:
+            stopped = ServeError(503, "the server is shutting down", kind="server_error")
+            for job in {row.job: None for row in self.rows} | dict.fromkeys(self.pending):
+                self._settle(job, stopped)
+
+    def _take(self, *, block: bool) -> None:
+        """Move the submitted jobs to `pending` (waiting for one when `block`)."""
+        try:
+            job = self.jobs.get() if block else self.jobs.get_nowait()
+            while True:
+                if job is None:
+                    self._stopping = True
+                    return
+                self.pending.append(job)
                 job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self._stopping = True
-                break
-            found.append(job)
-        return found
+        except queue.Empty:
+            return
+
+    def _admit(self) -> None:
+        """Start the pending batchable jobs, in arrival order, while the batch has room for their rows."""
+        for job in list(self.pending):
+            if job.cancelled.is_set():
+                self.pending.remove(job)
+                self._settle(job)
+            elif self._batchable(job):
+                if self.rows and len(self.rows) + job.request.n > self.max_batch:
+                    return
+                self.pending.remove(job)
+                try:
+                    self._join(job)
+                except Exception as exc:
+                    self._settle(job, _as_error(exc))
 
     def _batchable(self, job: Job) -> bool:
-        return job.request.temperature == 0 and job.request.n == 1 and self.stack.accepts(job.model)
-
-    def _answer(self, jobs: list[Job], run: Any) -> None:
-        """Run `jobs`, then give each its result or its error (a server answers every request)."""
         try:
-            results = run(jobs)
-        except ServeError as exc:
-            results = [exc] * len(jobs)
-        except Exception as exc:
-            failed = ServeError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error")
-            results = [failed] * len(jobs)
-        for job, result in zip(jobs, results, strict=True):
-            if isinstance(result, ServeError):
-                job.emit(ERROR, result)
-                continue
+            return job.request.n <= self.max_batch and self.stack.accepts(job.model)
+        except Exception:  # e.g. the base does not load: the job alone reports it
+            return False
+
+    def _tick(self) -> None:
+        """One step of the shared batch, taking waiting requests first (between tokens of a job alone)."""
+        if self._stopping:
+            return
+        self._take(block=False)
+        self._admit()
+        if self.rows:
+            self._step()
+
+    def _settle(self, job: Job, outcome: Result | ServeError | None = None) -> None:
+        """The job leaves the engine: give it its result or error (None: its client left before it started)."""
+        if isinstance(outcome, ServeError):
+            job.emit(ERROR, outcome)
+        elif outcome is not None:
             for observe in self.observers:
-                observe(job, result)
-            job.emit(DONE, result)
+                observe(job, outcome)
+            job.emit(DONE, outcome)
+        with self._depth_lock:
+            self.depth -= 1
 
-    def run_batch(self, jobs: list[Job]) -> list[Result | ServeError]:
-        """Greedy answers for several jobs of `base` or plain LoRA experts in one batched generate."""
-        import torch
+    # --------------------------------------------------------------------------------- shared batch
 
-        from moerge.data.prompts import pad_batch
+    def _join(self, job: Job) -> None:
+        """Prefill the job's prompt alone, take each choice's first token, add the unfinished rows."""
+        self.stack.ensure({job.model} - {BASE})
+        tokenizer = self.stack.tokenizer
+        prompt = self._checked_prompt(job, self.stack.model, tokenizer, self._recorded(job.model))
+        logits, cache = self.stack.prefill(prompt, job.model)
+        request, job.prompt_tokens = job.request, len(prompt)
+        job.rows = [
+            Row(job, TextStream(tokenizer, request.stops, _emitter(job, i)), _sampler(request, i, logits.device))
+            for i in range(request.n)
+        ]
+        first = next_tokens(logits.expand(request.n, -1), [row.sampler for row in job.rows])
+        for row, token in zip(job.rows, first, strict=True):
+            row.advance(token, tokenizer.eos_token_id)
+        live = [row for row in job.rows if not row.done]
+        if live:
+            self.batch.join(cache, len(prompt), len(live))
+            self.rows.extend(live)
+        else:
+            self._finish(job)
 
-        started = time.perf_counter()
-        self.stack.ensure({j.model for j in jobs} - {BASE})
-        model, tokenizer = self.stack.model, self.stack.tokenizer
-        out: list[Result | ServeError] = []
-        prompts: dict[int, list[int]] = {}
-        for i, job in enumerate(jobs):
-            try:
-                prompts[i] = self._checked_prompt(job, model, tokenizer, self._recorded(job.model))
-                out.append(ServeError(500, "not generated", kind="server_error"))
-            except ServeError as exc:
-                out.append(exc)
-        ready = [jobs[i] for i in prompts]
-        if not ready:
-            return out
-        rows = [TextStream(tokenizer, job.request.stops, _emitter(job)) for job in ready]
-        for row in rows:
-            row.prompt_seen = True
-        stream = BatchStream(rows, tokenizer.eos_token_id)
-        ids, mask = pad_batch(list(prompts.values()), tokenizer.pad_token_id)
-        device = next(model.parameters()).device
+    def _step(self) -> None:
+        """One decoding step of every running row; finished rows leave the batch (and their jobs end)."""
+        self._retire()
+        if not self.rows:
+            return
         for observe in self.batch_observers:
-            observe(len(ready))
-        self.stack.select([job.model for job in ready])
+            observe(len(self.rows))
         try:
-            with torch.no_grad():
-                model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=max(job.max_tokens for job in ready),
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    streamer=stream,
-                    stopping_criteria=[RowsDone(ready, stream)],
-                )
-        finally:
-            self.stack.release()
-        seconds = time.perf_counter() - started
-        for (i, prompt), row, ended in zip(prompts.items(), rows, stream.ended, strict=True):
-            choice = Choice(row.text, "stop" if row.stopped or ended else "length", len(row.ids))
-            out[i] = Result([choice], len(prompt), seconds)
-        return out
+            logits = self.stack.decode(self.batch, [r.last for r in self.rows], [r.job.model for r in self.rows])
+            tokens = next_tokens(logits, [row.sampler for row in self.rows])
+        except Exception as exc:  # the batch's state is lost: every running job gets the error
+            failed = _as_error(exc)
+            for job in {row.job: None for row in self.rows}:
+                self._settle(job, failed)
+            self.rows, self.batch = [], DecodeBatch()
+            return
+        eos = self.stack.tokenizer.eos_token_id
+        for row, token in zip(self.rows, tokens, strict=True):
+            row.advance(token, eos)
+        self._retire()
+
+    def _retire(self) -> None:
+        """Drop the done rows from the batch; a job whose rows are all done is answered."""
+        keep = [i for i, row in enumerate(self.rows) if not row.done]
+        if len(keep) == len(self.rows):
+            return
+        ended = {row.job: None for row in self.rows if row.done}
+        self.batch.keep(keep)
+        self.rows = [self.rows[i] for i in keep]
+        for job in ended:
+            if all(row.done for row in job.rows):
+                self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        for row in job.rows:
+            row.stream.end()
+        choices = [row.choice() for row in job.rows]
+        self._settle(job, Result(choices, job.prompt_tokens, time.perf_counter() - job.submitted))
+
+    # ----------------------------------------------------------------------------------- jobs alone
+
+    def _run_alone(self, job: Job) -> None:
+        """A job the shared batch cannot take (a router, a DoRA or full-weight expert): its model from the pool."""
+        if job.cancelled.is_set():
+            self._settle(job)
+            return
+        try:
+            result: Result | ServeError = self.run(job)
+        except Exception as exc:
+            result = _as_error(exc)
+        self._settle(job, result)
 
     def _recorded(self, name: str) -> Any:
         """The prompt format `name` was trained with (None for the base)."""
@@ -291,17 +357,16 @@ class Engine:
         """Load the model, render the prompt in its format, generate `n` choices (streamed as deltas)."""
         import torch
 
-        started = time.perf_counter()
         loaded = self.pool.get(job.model)
         model, tokenizer = loaded.model, loaded.tokenizer
         ids = self._checked_prompt(job, model, tokenizer, loaded.prompt_format)
         routing = getattr(getattr(model, "moerge_routing", None), "routing", None)
         request = job.request
         explain = routing is not None and bool(request.moerge.get("explain"))
-        if request.seed is not None:
-            torch.manual_seed(request.seed)
         choices, decision = [], None
         for index in range(request.n):
+            if request.seed is not None:  # choice i samples with seed + i, as in the shared batch
+                torch.manual_seed((request.seed + index) % 2**64)
             if routing is not None:
                 routing.start_recording(per_token=explain)
             choice, new = self._generate(job, model, tokenizer, ids, index)
@@ -311,7 +376,7 @@ class Engine:
                 if explain:
                     choice.explained = _token_routing(routing, tokenizer, new, summary)
             choices.append(choice)
-        return Result(choices, len(ids), time.perf_counter() - started, decision)
+        return Result(choices, len(ids), time.perf_counter() - job.submitted, decision)
 
     def _checked_prompt(self, job: Job, model: Any, tokenizer: Any, recorded: Any) -> list[int]:
         """The prompt's token ids in the model's format; a prompt longer than the model reads is a 413."""
@@ -328,7 +393,8 @@ class Engine:
 
         request = job.request
         stream = TextStream(tokenizer, request.stops, _emitter(job, index))
-        sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
+        # OpenAI's sampling is temperature and top_p only (generate would add its default top_k of 50)
+        sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": 0}
         device = next(model.parameters()).device
         with torch.no_grad():
             out = model.generate(
@@ -338,12 +404,33 @@ class Engine:
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 streamer=stream,
-                stopping_criteria=[StopWhen(job, stream)],
+                stopping_criteria=[StopWhen(job, stream), Interleave(self._tick)],
                 **(sampling if request.temperature > 0 else {"do_sample": False}),
             )
         new = out[0, len(ids) :].tolist()
         ended = stream.stopped or (bool(new) and new[-1] == tokenizer.eos_token_id)
         return Choice(stream.text, "stop" if ended else "length", len(new)), new
+
+
+def _sampler(request: ChatRequest | CompletionRequest, index: int, device: Any) -> tuple[float, float, Any] | None:
+    """Choice `index`'s sampling: None when greedy, else its temperature, top_p and own generator
+    (seeded with `seed + index`, or at random without a seed)."""
+    import torch
+
+    if request.temperature == 0:
+        return None
+    generator = torch.Generator(device=device)
+    if request.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed((request.seed + index) % 2**64)
+    return request.temperature, request.top_p, generator
+
+
+def _as_error(exc: Exception) -> ServeError:
+    if isinstance(exc, ServeError):
+        return exc
+    return ServeError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error")
 
 
 def request_prompt_ids(request: ChatRequest | CompletionRequest, tokenizer: Any, recorded: Any) -> list[int]:

@@ -41,6 +41,11 @@ class TrainState:
     tokens: int = 0
     losses: list[float] = field(default_factory=list)
     task_losses: dict[str, list[float]] = field(default_factory=dict)  # per task, when several mix
+    scaler: dict[str, Any] = field(default_factory=dict)  # fp16's GradScaler state (scale, growth tracker)
+
+
+WORK_MARKER = ".moerge-work"
+"""Marks a work folder as moerge's, so a folder of yours that happens to have its name is never removed."""
 
 
 def checkpoint_dir_for(out: Path) -> Path:
@@ -55,6 +60,7 @@ def work_folder(out: Path) -> Iterator[Path]:
     checkpoint is kept for `--resume`."""
     workdir = checkpoint_dir_for(out)
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / WORK_MARKER).touch()
     try:
         yield workdir
     except BaseException:
@@ -110,7 +116,7 @@ def load_checkpoint(workdir: Path, model: nn.Module, optimizer: torch.optim.Opti
     if not (folder / STATE).is_file() and (workdir / "checkpoint.old" / STATE).is_file():
         folder = workdir / "checkpoint.old"  # killed between the two renames
     try:
-        state = TrainState(**json.loads((folder / STATE).read_text()))
+        state = _read_state(folder / STATE)
         params = read_safetensors(folder / PARAMS)
         optim = _unflatten_optimizer(
             read_safetensors(folder / OPTIM_TENSORS), json.loads((folder / OPTIM_META).read_text())
@@ -126,6 +132,23 @@ def load_checkpoint(workdir: Path, model: nn.Module, optimizer: torch.optim.Opti
     for name, value in params.items():
         named[name].data.copy_(value)
     optimizer.load_state_dict(optim)
+    return state
+
+
+def _read_state(path: Path) -> TrainState:
+    """state.json with its types and step range checked: a hand-edited or damaged file is one line, not a
+    traceback later in the loop."""
+    from pydantic import TypeAdapter, ValidationError
+
+    raw = json.loads(path.read_text())
+    try:
+        state = TypeAdapter(TrainState).validate_python(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field_name = ".".join(str(part) for part in error["loc"]) or "state"
+        raise MoergeError(f"{path}: {field_name}: {error['msg']}; rerun without --resume to restart") from None
+    if not 0 <= state.step <= state.total_steps:
+        raise MoergeError(f"{path}: step: {state.step} is outside 0..{state.total_steps}; rerun without --resume")
     return state
 
 

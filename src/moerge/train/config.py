@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
 from moerge.data.formats import MOERGE, FormatField, PromptFormat
+from moerge.models.precision import DtypeName, QuantizeName
 from moerge.train.methods import METHODS, get_method
 from moerge.train.methods.base import DEFAULT_TARGETS, NoOptions
 from moerge.yamlconf import CommaList, Source, an_option_of, read_yaml, validate
@@ -26,7 +27,9 @@ ALWAYS_HASHED = (
     "base", "task", "method", "rank", "alpha", "dropout", "target_modules", "lr", "steps", "epochs",
     "batch_size", "max_length", "seed", "limit", "warmup_ratio", "weight_decay",
 )  # fmt: skip
-NOT_HASHED = ("name", "out", "checkpoint_every", "eval_split", "eval_limit")
+NOT_HASHED = ("name", "out", "checkpoint_every", "eval_split", "eval_limit", "gradient_checkpointing")
+# gradient_checkpointing recomputes the same activations (the gradients are equal): a run may switch it
+# on or off when resuming, and a library expert stays up to date when a recipe adds it.
 # In the first release every method had the LoRA settings; a method without them hashes their values of
 # then, so experts of those methods (full, hft, ia3, ...) keep their hashes too.
 FIRST_RELEASE_DEFAULTS = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": DEFAULT_TARGETS}
@@ -52,7 +55,9 @@ class TrainConfig(BaseModel):
     lr: float | None = Field(None, gt=0, description="learning rate; None picks the method's default")
     steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     epochs: float = Field(1.0, gt=0, description="passes over the training split")
-    batch_size: int = Field(8, ge=1, description="examples per optimizer step")
+    batch_size: int = Field(
+        8, ge=1, description="examples per forward pass (an optimizer step takes grad_accum of them)"
+    )
     max_length: int = Field(256, ge=8, description="max tokens per example (long prompts lose their start)")
     seed: int = Field(0, description="seed for splits, initialisation and data order")
     limit: int | None = Field(None, ge=1, description="cap on each task's examples (all splits)")
@@ -63,6 +68,21 @@ class TrainConfig(BaseModel):
     eval_limit: int | None = Field(None, ge=1, description="score at most this many examples")
     prompt_format: FormatField | None = Field(
         None, description="how examples become prompts: moerge, plain, raw, a YAML file or a mapping (default: moerge)"
+    )
+    # Precision and memory: real-size bases on one GPU.
+    dtype: DtypeName = Field(
+        "auto",
+        description="compute dtype: auto (bf16 on a CUDA GPU that has it, else fp32), bf16, fp16 (CUDA only), "
+        "fp32; the frozen base is held in it, trainable weights and optimizer state stay fp32",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward pass: far less memory, ~30% more time"
+    )
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches accumulated per optimizer step (effective batch = batch_size × grad_accum)"
+    )
+    quantize: QuantizeName | None = Field(
+        None, description="hold the frozen base in 4bit (NF4) or 8bit (bitsandbytes, CUDA): QLoRA; adapter methods only"
     )
     # Multi-task mixing.
     tasks: CommaList | None = Field(None, description="several task specs trained together (instead of `task`)")
@@ -120,6 +140,8 @@ class TrainConfig(BaseModel):
             raise ValueError("mixing: weights needs `weights` with one positive number per entry of `tasks`")
         if self.weights is not None and (min(self.weights) < 0 or sum(self.weights) <= 0):
             raise ValueError("`weights` must be non-negative with a positive sum")
+        if self.quantize is not None:
+            _check_quantizable(self.method, self.quantize)
         if self.type == "self_train" and not self.unlabelled:
             raise ValueError("a self_train stage needs `unlabelled`: a pool of inputs (.txt, .jsonl or a task)")
         return self
@@ -152,6 +174,17 @@ class TrainConfig(BaseModel):
         if keep.get("task") is None:
             keep.pop("task", None)
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_quantizable(method: str, quantize: str) -> None:
+    """A quantised base stays frozen and unmodified: full-weight methods and the inits that rewrite the
+    base (W − B0·A0) cannot run on it."""
+    from moerge.train.methods.builtin import ResidualInitMethod
+
+    trained = METHODS.get(method) if method in METHODS else None
+    if trained is not None and (trained.kind == "full" or isinstance(trained, ResidualInitMethod)):
+        what = "trains the base's weights" if trained.kind == "full" else "rewrites the base's weights at init"
+        raise ValueError(f"quantize: {quantize} needs a method that leaves the base untouched; {method!r} {what}")
 
 
 def _field_defaults(model: type[BaseModel]) -> dict[str, Any]:

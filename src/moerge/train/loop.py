@@ -2,6 +2,18 @@
 accounting are exact.
 
 Data order is a function of (seed, step), so a resumed run sees the same batches it would have.
+
+Precision and memory (`TrainConfig.dtype`, `grad_accum`, `gradient_checkpointing`, `quantize`):
+- the frozen base is held in the compute dtype (bf16/fp16, or 4/8-bit with `quantize`); the trainable
+  parameters, their gradients and the optimizer state stay fp32; the forward runs under torch.autocast;
+  fp16 scales the loss with torch.amp.GradScaler (so fp16 trains on CUDA only: on a CPU it is refused,
+  bf16 is the low-precision choice there);
+- with `grad_accum` N an optimizer step takes N micro-batches of `batch_size`: micro-batch k of step s
+  is the sampler's batch s·N + k, so with one task (or concat mixing) the examples of a step are those a
+  batch of N·batch_size would hold, in the same order; each micro-batch's summed token loss is divided by
+  the labelled tokens of the whole step (per task with `per_task_loss`), so the gradient equals that of
+  the big batch. Steps, the schedule, logs and checkpoints count optimizer steps: a checkpoint is only
+  ever written between two of them, so a resume never starts mid-accumulation.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from moerge.data.prompts import collate
 from moerge.errors import MoergeError
 from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo, write_expert_meta
 from moerge.models.loading import check_finite
+from moerge.models.precision import autocast
 from moerge.paths import atomic_directory
 from moerge.progress import progress_bar
 from moerge.train.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint, work_folder
@@ -29,6 +42,7 @@ from moerge.train.methods.base import InitData
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from moerge.data.task import Task
@@ -43,15 +57,35 @@ class Start:
     adapter: str | None = None
 
 
-def load_start(start: Start, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_start(
+    start: Start,
+    device: str,
+    *,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    checkpointing: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Build the starting model: the base, each merged adapter folded in, the continued adapter trainable.
 
     Adapters go through the one adapter reader (`attach_adapter`: safetensors only, hashes, finite
-    values, shapes against the model), so a pickled or damaged folder is refused, never loaded."""
+    values, shapes against the model), so a pickled or damaged folder is refused, never loaded.
+    A quantised base is prepared for k-bit training (peft's `prepare_model_for_kbit_training`) before
+    any adapter is put on it."""
     from moerge.library.loading import attach_adapter
     from moerge.models import load_base
 
-    model, tokenizer = load_base(start.base, device=device)
+    if quantize and start.merged:
+        raise MoergeError(
+            f"quantize: {quantize}: a stage that merges earlier adapters into the base needs an unquantised base"
+            " (use start: continue)"
+        )
+    model, tokenizer = load_base(start.base, device=device, dtype=dtype, quantize=quantize)
+    if quantize:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     for folder in start.merged:
         model = attach_adapter(model, folder).merge_and_unload()
     if start.adapter:
@@ -76,7 +110,44 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def total_steps_for(cfg: TrainConfig, n_train: int) -> int:
-    return cfg.steps or max(1, math.ceil(cfg.epochs * n_train / cfg.batch_size))
+    """Optimizer steps: `steps`, else enough effective batches (batch_size × grad_accum) for `epochs`."""
+    return cfg.steps or max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
+
+
+def training_precision(cfg: TrainConfig, device: str) -> str:
+    """The compute dtype a run uses on `device` (bf16, fp16 or fp32); refuses, in one line, what cannot
+    run here (fp16 off CUDA, a quantised base without CUDA or bitsandbytes) before anything loads."""
+    from moerge.models.precision import check_quantize, resolve_dtype
+
+    dtype = resolve_dtype(cfg.dtype, device)
+    if dtype == "fp16" and not device.startswith("cuda"):
+        raise MoergeError(
+            f"dtype: fp16 training needs a CUDA device (its loss scaling is CUDA's); on {device} use bf16 or fp32"
+        )
+    check_quantize(cfg.quantize, device)
+    return dtype
+
+
+def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Trainable parameters in fp32 (mixed precision keeps the master weights and Adam's moments there),
+    and gradient checkpointing when asked for (non-reentrant; with a frozen base the embeddings' output
+    must require grad so that the recomputed layers have a graph to differentiate)."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    if cfg.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not all(p.requires_grad for p in model.parameters()):
+            model.enable_input_require_grads()
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
+    return model
 
 
 def fit(
@@ -107,7 +178,10 @@ def fit(
     if start.adapter and method.kind != "adapter":
         raise MoergeError(f"method {cfg.method!r} trains full weights: it cannot continue an adapter; use start: merge")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_start(start, device)
+    dtype = training_precision(cfg, device)
+    model, tokenizer = load_start(
+        start, device, dtype=dtype, quantize=cfg.quantize, checkpointing=cfg.gradient_checkpointing
+    )
     if not start.adapter:
         method.check(model, cfg)  # e.g. unknown target modules, a rank above a layer's size: before any file
     base_info = base_info or BaseInfo(name_or_path=start.base, fingerprint=fingerprint(model))
@@ -122,7 +196,9 @@ def fit(
             )
             model = method.prepare(model, cfg, workdir, init)
             details = method.details(model, cfg)
-        model.to(device)
+        model = prepare_for_training(model, cfg)
+        if not cfg.quantize:  # a quantised base is placed at load time (bitsandbytes models refuse .to)
+            model.to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         lr = cfg.lr or method.default_lr
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -133,10 +209,21 @@ def fit(
             resumed_from = state.step
 
         _run_steps(
-            model, optimizer, data, cfg, state, workdir, lr=lr, tokenizer=tokenizer, device=device, progress=progress
+            model,
+            optimizer,
+            data,
+            cfg,
+            state,
+            workdir,
+            lr=lr,
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
+            progress=progress,
         )
         model.eval()
-        metrics = _evaluate(model, tokenizer, eval_tasks if eval_tasks is not None else tasks, cfg, progress)
+        with autocast(device, dtype):
+            metrics = _evaluate(model, tokenizer, eval_tasks if eval_tasks is not None else tasks, cfg, progress)
         if state.task_losses:
             metrics["train_loss_by_task"] = {name: _final(losses) for name, losses in state.task_losses.items()}
         meta = ExpertMeta(
@@ -157,11 +244,14 @@ def fit(
                 "weight_decay": cfg.weight_decay,
                 "limit": cfg.limit,
                 **_data_settings(cfg),
+                **_memory_settings(cfg, dtype),
                 "config_hash": cfg.fingerprint(),
                 **(extra or {}),
             },
             metrics=metrics,
             prompt_format=None if cfg.type == "pretrain" else cfg.format,
+            dtype=dtype,
+            quantize=cfg.quantize,
             cost={
                 "train_time_s": round(state.elapsed_s, 2),
                 "peak_memory_mb": round(peak_memory_mb(), 1),
@@ -214,6 +304,18 @@ def _data_settings(cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
+def _memory_settings(cfg: TrainConfig, dtype: str) -> dict[str, Any]:
+    """The precision and memory settings: the dtype always, the others where they are not the default."""
+    out: dict[str, Any] = {"dtype": dtype}
+    if cfg.grad_accum > 1:
+        out.update(grad_accum=cfg.grad_accum, effective_batch_size=cfg.batch_size * cfg.grad_accum)
+    if cfg.gradient_checkpointing:
+        out["gradient_checkpointing"] = True
+    if cfg.quantize:
+        out["quantize"] = cfg.quantize
+    return out
+
+
 def _task_info(cfg: TrainConfig, tasks: list[Task]) -> TaskInfo:
     if cfg.type == "pretrain":
         files = list(cfg.text or [])
@@ -248,13 +350,44 @@ def _evaluate(model, tokenizer, tasks: list[Task], cfg: TrainConfig, progress: b
     return {split: summary, "tasks": {name: {split: r} for name, r in results.items()}}
 
 
+@dataclass(frozen=True)
+class LossScale:
+    """The denominators of an optimizer step's loss when it is accumulated over micro-batches: the
+    labelled tokens of the whole step, overall and per task (so each micro-batch's share sums to the
+    loss the whole step would have as one batch)."""
+
+    tokens: int
+    task_tokens: dict[int, int]
+
+
+def loss_scale(batches: list[dict[str, torch.Tensor]], tasks_of_rows: list[list[int]]) -> LossScale:
+    """Count the labelled (predicted) tokens of every micro-batch of a step, overall and per task."""
+    from moerge.data.prompts import IGNORE_INDEX
+
+    task_tokens: dict[int, int] = {}
+    for batch, task_of_row in zip(batches, tasks_of_rows, strict=True):
+        per_row = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+        for t, n in zip(task_of_row, per_row, strict=True):
+            task_tokens[t] = task_tokens.get(t, 0) + int(n)
+    return LossScale(sum(task_tokens.values()), task_tokens)
+
+
 def batch_loss(
-    model, batch: dict[str, torch.Tensor], task_of_row: list[int], *, per_task: bool
+    model,
+    batch: dict[str, torch.Tensor],
+    task_of_row: list[int],
+    *,
+    per_task: bool,
+    scale: LossScale | None = None,
 ) -> tuple[torch.Tensor, dict[int, float]]:
     """Next-token loss over the answer tokens, and each task's own mean loss in the batch.
 
     With `per_task`, the loss is the mean of the tasks' means, so a task with few (or short)
     examples in the batch weighs as much as a large one; otherwise every token weighs the same.
+    With `scale` (gradient accumulation) the batch is one micro-batch of a step: the token sums are
+    divided by the step's counts instead of the batch's own, so the micro-batches' losses add up to
+    the step's loss. The per-task values returned are then the task's summed loss over the step's
+    tokens of that task (they too add up over the micro-batches).
     """
     import torch
 
@@ -267,9 +400,15 @@ def batch_loss(
     task_means = {}
     for t in sorted(set(task_of_row)):
         mine = rows == t
-        task_means[t] = row_sums[mine].sum() / counted[mine].sum().clamp(min=1)
-    every_token = row_sums.sum() / counted.sum().clamp(min=1)
-    loss = torch.stack(list(task_means.values())).mean() if per_task else every_token
+        denominator = counted[mine].sum().clamp(min=1) if scale is None else max(1, scale.task_tokens[t])
+        task_means[t] = row_sums[mine].sum() / denominator
+    if scale is None:
+        every_token = row_sums.sum() / counted.sum().clamp(min=1)
+        loss = torch.stack(list(task_means.values())).mean() if per_task else every_token
+    elif per_task:
+        loss = torch.stack(list(task_means.values())).sum() / len(scale.task_tokens)
+    else:
+        loss = row_sums.sum() / max(1, scale.tokens)
     return loss, {t: float(v.detach()) for t, v in task_means.items()}
 
 
@@ -284,6 +423,7 @@ def _run_steps(
     lr: float,
     tokenizer: PreTrainedTokenizerBase,
     device: str,
+    dtype: str = "fp32",
     progress: bool,
 ) -> None:
     import torch
@@ -291,24 +431,31 @@ def _run_steps(
     warmup = int(cfg.warmup_ratio * state.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     several = len(data.task_names) > 1
+    scaler = torch.amp.GradScaler("cuda") if dtype == "fp16" else None
+    if scaler is not None and state.scaler:
+        scaler.load_state_dict(state.scaler)
     model.train()
     with progress_bar(enabled=progress and sys.stderr.isatty()) as bar:
         job = bar.add_task("train", total=state.total_steps, completed=state.step, info="")
         while state.step < state.total_steps:
             started = time.perf_counter()
             torch.manual_seed(cfg.seed * 1_000_003 + state.step)  # dropout masks replay on resume
-            rows = data.batch_indices(state.step)
-            batch = _on(collate([data.items[i] for i in rows], tokenizer.pad_token_id), device)
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(state.step, state.total_steps, warmup)
-            loss, by_task = batch_loss(model, batch, [data.task_of[i] for i in rows], per_task=cfg.per_task_loss)
-            loss.backward()
+            loss, by_task, tokens = _accumulate(model, data, cfg, state.step, tokenizer, device, dtype, scaler)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+                state.scaler = scaler.state_dict()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.tokens += int(batch["attention_mask"].sum())
-            state.losses.append(round(loss.item(), 4))
+            state.tokens += tokens
+            state.losses.append(round(loss, 4))
             if several:
                 for t, value in by_task.items():
                     state.task_losses.setdefault(data.task_names[t], []).append(round(value, 4))
@@ -316,3 +463,33 @@ def _run_steps(
             bar.update(job, advance=1, info=f"loss {state.losses[-1]:.3f}")
             if state.step % cfg.checkpoint_every == 0 and state.step < state.total_steps:
                 save_checkpoint(workdir, model, optimizer, state)
+
+
+def _accumulate(
+    model,
+    data: TrainingData,
+    cfg: TrainConfig,
+    step: int,
+    tokenizer: PreTrainedTokenizerBase,
+    device: str,
+    dtype: str,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[float, dict[int, float], int]:
+    """Forward and backward the step's `grad_accum` micro-batches (the sampler's batches step·N … step·N+N−1),
+    leaving the step's gradient in `.grad`. Returns the step's loss, each task's loss and its tokens."""
+    n = cfg.grad_accum
+    rows = [data.batch_indices(step * n + k) for k in range(n)]
+    batches = [collate([data.items[i] for i in r], tokenizer.pad_token_id) for r in rows]
+    tasks = [[data.task_of[i] for i in r] for r in rows]
+    scale = loss_scale(batches, tasks) if n > 1 else None
+    total, by_task, tokens = 0.0, {}, 0
+    for batch, task_of_row in zip(batches, tasks, strict=True):
+        batch = _on(batch, device)
+        with autocast(device, dtype):
+            loss, parts = batch_loss(model, batch, task_of_row, per_task=cfg.per_task_loss, scale=scale)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+        for t, value in parts.items():
+            by_task[t] = by_task.get(t, 0.0) + value
+    return total, by_task, tokens

@@ -32,7 +32,9 @@ class TargetOptions(NoOptions):
     """Methods that attach to chosen linear layers."""
 
     target_modules: CommaList = Field(
-        default_factory=lambda: list(DEFAULT_TARGETS), description="module names to adapt (comma-separated on the CLI)"
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        min_length=1,
+        description="module names to adapt (comma-separated on the CLI)",
     )
 
 
