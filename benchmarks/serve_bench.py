@@ -16,6 +16,13 @@ expert, one after another; the same request list drives every variant:
      and answers them with one generate(..., adapter_names=[...]) (static batching: what arrives while
      a batch runs waits for its end).
   d  the floor: the base model alone through moerge serve (a server without a library), model "base".
+  e  routed: moerge serve with a centroid router over the K experts as `auto` (built in the bench over a
+     small synthetic task per expert: prompts about the expert's own topic); every request is
+     `model: auto` with the prompt of its planned expert's topic, so the router spreads them over the
+     experts. The centroid router is example-level: each request is routed once on its prompt and
+     decodes in the shared batch with its expert's weight.
+  f  single expert: the same server and the same prompts as (e), every request for expert e0.
+     (e)/(f) is the price of routing (target: ≥ 0.7×).
 
 Latency is measured by each client, submission to answer (queueing included); throughput = requests
 (or completion tokens actually generated, end token included) / wall time of the whole drive.
@@ -23,7 +30,7 @@ There is no ignore_eos in the API, so the prompt asks for a long answer and gene
 to max_tokens. Greedy texts are compared request by request (a vs b, c vs b).
 
     python benchmarks/serve_bench.py --base /root/.cache/moerge/models/smollm2-135m-instruct \
-        [--experts 16] [--clients 8] [--requests-per-client 8] [--max-tokens 32] [--threads 2]
+        [--experts 16] [--clients 8] [--requests-per-client 8] [--max-tokens 32] [--threads 2] [--only abcdef]
 """
 
 from __future__ import annotations
@@ -46,6 +53,11 @@ from typing import Any
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+TOPICS = [
+    "a lighthouse keeper", "a volcano", "a chess match", "a bakery", "a submarine", "a desert caravan",
+    "a jazz club", "a beehive", "a mountain rescue", "a robot gardener", "a pirate ship", "a snowstorm",
+    "a train station", "a lost dog", "a space station", "a rainforest",
+]  # fmt: skip
 
 
 @dataclass
@@ -53,6 +65,25 @@ class Answer:
     text: str
     tokens: int
     latency: float = 0.0
+    routed_to: str | None = None  # (e): the expert the router gave most weight
+
+
+def topic(expert: str) -> str:
+    """The synthetic topic of expert `e<i>` (its router data and the prompts planned for it)."""
+    i = int(expert[1:])
+    return TOPICS[i % len(TOPICS)] + (f" number {i // len(TOPICS)}" if i >= len(TOPICS) else "")
+
+
+def topic_prompt(expert: str) -> str:
+    return f"Write a short story about {topic(expert)}."
+
+
+def router_data(names: list[str]) -> dict[str, list[Any]]:
+    """A small synthetic task per expert: requests about its topic."""
+    from moerge.data.task import Example
+
+    forms = ["Write a short story about {}.", "Tell me about {}.", "Describe {} in a few sentences.", "A poem on {}."]
+    return {name: [Example(form.format(topic(name)), "") for form in forms] for name in names}
 
 
 @dataclass
@@ -204,14 +235,16 @@ class Server:
         )
         self.max_tokens = max_tokens
 
-    def call(self, model: str) -> Answer:
+    def call(self, model: str, prompt: str = PROMPT) -> Answer:
         reply = self.client.chat.completions.create(
             model=model,
-            messages=[{"role": "user", "content": PROMPT}],
+            messages=[{"role": "user", "content": prompt}],
             max_tokens=self.max_tokens,
             temperature=0,
         )
-        return Answer(reply.choices[0].message.content or "", reply.usage.completion_tokens)
+        routing = (getattr(reply, "moerge", None) or {}).get("routing")
+        top = max(routing, key=routing.get) if routing else None
+        return Answer(reply.choices[0].message.content or "", reply.usage.completion_tokens, routed_to=top)
 
     def batch_rows(self) -> str:
         """`moerge_batch_rows` from /metrics: the mean rows per decoding step of the shared batch."""
@@ -357,7 +390,7 @@ def main() -> None:
     parser.add_argument("--compare", type=int, default=16, help="first requests whose texts are compared")
     parser.add_argument("--lora-std", type=float, default=0.02, help="std of the random B factors")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", default="abcd", help="variants to run, e.g. 'ab'")
+    parser.add_argument("--only", default="abcdef", help="variants to run, e.g. 'ab' or 'ef'")
     args = parser.parse_args()
     if args.requests_per_client % args.rounds:
         parser.error("--requests-per-client must be a multiple of --rounds")
@@ -371,6 +404,7 @@ def main() -> None:
 
     from moerge.data.formats import PLAIN
     from moerge.data.prompts import chat_prompt_ids
+    from moerge.route import build_router
     from moerge.serve import ModelPool
 
     base = args.base.resolve()
@@ -427,6 +461,29 @@ def main() -> None:
         closers.append(server_d.close)
         rows["d"] = server_d.batch_rows
 
+    if "e" in args.only or "f" in args.only:
+        started = time.perf_counter()
+        router = build_router(
+            "centroid",
+            {n: library.path(n) for n in names},
+            Path(tmp.name) / "centroid",
+            base=str(base),
+            data=router_data(names),
+        )
+        print(f"  centroid router over {args.experts} experts built in {time.perf_counter() - started:.1f} s")
+        pool = ModelPool(base=str(base), library=library, routers={"centroid": router}, auto="centroid", max_loaded=1)
+        server_e = Server(pool, args.max_tokens)
+        server_e.call("auto", topic_prompt("e0"))  # stacks the experts and reads the router
+        for key, label, model_of in (
+            ("e", "(e) moerge serve, model auto (centroid)", lambda e: "auto"),
+            ("f", "(f) moerge serve, one expert (e0)", lambda e: "e0"),
+        ):
+            if key in args.only:
+                call = lambda e, model_of=model_of: server_e.call(model_of(e), topic_prompt(e))  # noqa: E731
+                variants[key] = (Measured(label), call, lambda e: e)
+                rows[key] = server_e.batch_rows
+        closers.append(server_e.close)
+
     keys = list(variants)
     step = args.requests_per_client // args.rounds
     for r in range(args.rounds):
@@ -436,7 +493,8 @@ def main() -> None:
             measured, call, rename = variants[key]
             drive(measured, [[rename(e) for e in row[r * step : (r + 1) * step]] for row in plan], call)
     for key in keys:
-        print(f"  {key}: {rows[key]()}" + (" (warm-up included)" if key in "ad" else ""))
+        shared = " (e and f together)" if key in "ef" and {"e", "f"} <= set(keys) else ""
+        print(f"  {key}: {rows[key]()}" + (" (warm-up included)" if key in "adef" else "") + shared)
 
     base_text = None
     if model is not None:
@@ -479,6 +537,23 @@ def main() -> None:
     if "d" in results and base_text is not None:
         same = sum(ans.text == base_text for ans in results["d"].flat)
         print(f"(d) texts equal to peft's base answer: {same}/{len(results['d'].flat)}")
+    if "e" in results:
+        e = results["e"]
+        flat_plan = [x for row in plan for x in row]
+        chosen = [ans.routed_to for ans in e.flat]
+        print(
+            f"(e) the router chose {len(set(chosen))} distinct experts; "
+            f"{sum(c == x for c, x in zip(chosen, flat_plan, strict=True))}/{len(chosen)} requests went to "
+            "the expert whose topic they ask about"
+        )
+        if "f" in results:
+            f = results["f"]
+            print(
+                f"(e)/(f): requests/s {e.requests_per_s / f.requests_per_s:.2f}×, "
+                f"tokens/s {e.tokens_per_s / f.tokens_per_s:.2f}× (target ≥ 0.7×), "
+                f"p50 latency {e.latency(0.5) / f.latency(0.5):.2f}×, "
+                f"p99 latency {e.latency(0.99) / f.latency(0.99):.2f}×"
+            )
     for key in ("a", "c"):
         if key in results:
             texts: dict[str, set[str]] = {}

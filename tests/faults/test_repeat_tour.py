@@ -287,3 +287,24 @@ def test_a_folder_of_yours_named_like_the_work_folder_is_left_alone(
     args = ("train", "--base", tiny_base, "--task", parity_task, "--steps", "1", "--out", tmp_path / "x")
     with unchanged(tmp_path):
         assert_refused(moerge(*args), ".x.work", "moerge did not make it")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_output_to_a_full_disk_is_named_as_standard_output(trained_expert: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    library = tmp_path / "lib"
+    assert moerge("library", "create", library).returncode == 0
+    assert moerge("library", "add", library, trained_expert, "--name", "e1").returncode == 0
+    for args in (("library", "list", library), ("library", "show", library, "e1")):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(
+                [sys.executable, "-m", "moerge.cli", *map(str, args)],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+        assert_refused(result, "error: standard output: No space left on device")

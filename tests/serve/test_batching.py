@@ -68,6 +68,7 @@ class Ask:
     top_p: float = 1.0
     seed: int | None = None
     n: int = 1
+    explain: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ def _request(ask: Ask) -> CompletionRequest:
         top_p=ask.top_p,
         seed=ask.seed,
         n=ask.n,
+        moerge={"explain": True} if ask.explain else {},
     )
 
 

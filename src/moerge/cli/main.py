@@ -189,11 +189,26 @@ def _path_from_traceback(tb: TracebackType | None) -> str | None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
     for frame in reversed(frames):
+        if _printing(frame):
+            return "standard output"  # `moerge ... > file` on a full disk: the text printed is not a path
         for name in _PATH_LOCALS:
             value = frame.f_locals.get(name)
-            if isinstance(value, (str, os.PathLike)) and str(value):
+            if isinstance(value, os.PathLike) or (isinstance(value, str) and _looks_like_path(value)):
                 return _path_text(value)
     return None
+
+
+_PRINTERS = (os.path.join("rich", "console.py"), os.path.join("click", "utils.py"), os.path.join("typer", "_click"))
+
+
+def _printing(frame: FrameType) -> bool:
+    """Whether `frame` is the console (rich) or echo (click/typer) writing a command's output."""
+    where = frame.f_code.co_filename
+    return any(part in where for part in _PRINTERS) or frame.f_locals.get("file") is sys.stdout
+
+
+def _looks_like_path(text: str) -> bool:
+    return 0 < len(text) < 4096 and "\n" not in text
 
 
 def _os_failure(exc: BaseException) -> tuple[str | None, str] | None:

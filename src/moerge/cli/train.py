@@ -36,6 +36,11 @@ def train(
     option: list[str] | None = typer.Option(
         None, "--option", help="any other option of the method, key=value (repeatable; see the list below)"
     ),
+    objective: str | None = typer.Option(
+        None, "--objective", help="finetune (next-token loss on --task) or dpo (preference pairs, --preferences)"
+    ),
+    preferences: str | None = typer.Option(None, "--preferences", help=field_help(TrainConfig, "preferences")),
+    beta: float | None = typer.Option(None, "--beta", help=field_help(TrainConfig, "beta")),
     lr: float | None = typer.Option(None, "--lr", help=field_help(TrainConfig, "lr")),
     steps: int | None = typer.Option(None, "--steps", help=field_help(TrainConfig, "steps")),
     epochs: float | None = typer.Option(None, "--epochs", help=field_help(TrainConfig, "epochs")),
@@ -90,6 +95,9 @@ def train(
         "gradient_checkpointing": gradient_checkpointing,
         "grad_accum": grad_accum,
         "quantize": quantize,
+        "type": objective,
+        "preferences": preferences,
+        "beta": beta,
         **option_values(option),
     }
     cfg = _config(recipe, options)
@@ -124,7 +132,8 @@ def _config(recipe: Path | None, options: dict[str, Any]) -> TrainConfig | Stage
 
     if recipe is not None:
         return load_train_config(recipe, options)
-    missing = [f"--{k}" for k in ("base", "task") if options[k] is None]
+    needed = ("base", "preferences") if options.get("type") == "dpo" else ("base", "task")
+    missing = [f"--{k}" for k in needed if options[k] is None]
     if missing:
         raise MoergeError(f"missing {' and '.join(missing)} (or give a recipe file)")
     return config_from_dict({k: v for k, v in options.items() if v is not None}, "command-line options")

@@ -3,6 +3,7 @@
 Layout (see GUIDE.md):
     <name>/adapter_config.json, adapter_model.safetensors   peft's files, loadable as-is
     <name>/model.safetensors, config.json                   instead, for full fine-tuning experts
+    <name>/mixture_config.json, mixture_model.safetensors   instead, for trained mixtures (models.mixture)
     <name>/moerge.json                                      this module's metadata
     <name>/artifacts/*.safetensors                          derived data (router prototypes, gates, ...)
 """
@@ -25,7 +26,11 @@ from moerge.yamlconf import validate
 METADATA_FILE = "moerge.json"
 ARTIFACTS_DIR = "artifacts"
 FORMAT_VERSION = 1
-REQUIRED_FILES = {"adapter": ("adapter_config.json", "adapter_model.safetensors"), "full": ("config.json",)}
+REQUIRED_FILES = {
+    "adapter": ("adapter_config.json", "adapter_model.safetensors"),
+    "full": ("config.json",),
+    "mixture": ("mixture_config.json", "mixture_model.safetensors"),
+}
 """Per kind, the files `moerge.json`'s `files` map must list (their sha256 vouches for them): what peft
 reads of an adapter; a full expert is a model folder whose every file a loader may read, so there
 every payload file present must be listed too."""
@@ -50,7 +55,7 @@ class ExpertMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
     format: int = FORMAT_VERSION
     name: str
-    kind: Literal["adapter", "full"] = "adapter"
+    kind: Literal["adapter", "full", "mixture"] = "adapter"
     method: str
     task: TaskInfo
     base: BaseInfo

@@ -41,12 +41,29 @@ def load_model(
         recorded = RecordedBase(meta.name, folder, meta.base.fingerprint)
         check_same_base([recorded], fingerprint(base), base_name=f"--base {base}")
         return load_base(folder, device=device)
+    if is_expert_folder(folder) and read_expert_meta(folder).kind == "mixture":
+        return _load_mixture(base, folder, device)
     expert = open_adapter(folder)
     model, tokenizer = load_base(base, device=device)
     if expert.meta is not None:
         check_same_base([expert], fingerprint(model), base_name=f"--base {base}")
     peft_model = attach_adapter(model, expert)
     return (peft_model.merge_and_unload() if merge else peft_model), tokenizer
+
+
+def _load_mixture(
+    base: str | Path, folder: Path, device: str | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A trained mixture (`models.mixture`): its files checked against moerge.json, its base against the
+    recorded fingerprint, then its layers injected (a mixture cannot be merged into the weights)."""
+    from moerge.models.mixture import load_mixture
+
+    meta = check_expert_intact(folder)
+    model, tokenizer = load_base(base, device=device)
+    check_same_base(
+        [RecordedBase(meta.name, folder, meta.base.fingerprint)], fingerprint(model), base_name=f"--base {base}"
+    )
+    return load_mixture(model, folder), tokenizer
 
 
 def attach_adapter(

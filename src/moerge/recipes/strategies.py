@@ -287,7 +287,7 @@ def load_expert_strategy(spec: StrategySpec, ws: Workspace, task: str | None) ->
     from moerge.library.loading import load_model
 
     folder = Path(spec.options.path)
-    if is_expert_folder(folder) and (meta := read_expert_meta(folder)).kind == "full":
+    if is_expert_folder(folder) and (meta := read_expert_meta(folder)).kind in ("full", "mixture"):
         return Loaded(*load_model(ws.base, folder), info={"folder": str(folder)}, prompt_format=recorded_format(meta))
     return _adapter_loaded(ws, folder)
 

@@ -4,7 +4,9 @@ stages run in order, each starting from the previous stage's result.
 A stage `continue`s the previous adapter (keeps training it) or `merge`s it into the weights first
 and then applies its own method. A full-weight stage's result simply becomes the next base.
 
-Stage types: `finetune` (default), `pretrain` (LM loss on raw text), and `self_train`, which expands
+Stage types: `finetune` (default), `pretrain` (LM loss on raw text), `dpo` (preference pairs against the
+stage's starting model, `moerge.train.preference`), `grpo` (sampled answers rewarded by a verifiable
+scorer, `moerge.train.reinforce`), and `self_train`, which expands
 into four units: teacher (fine-tune on the labelled task), pseudo-label the pool, student (train on
 the confident pseudo labels, starting where the teacher started), fine-tune the student again on the
 labelled task.
@@ -21,6 +23,7 @@ import hashlib
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -154,14 +157,40 @@ def train_expert(
     if isinstance(cfg, TrainConfig) and cfg.type != "finetune":
         cfg = StagedConfig(base=cfg.base, name=cfg.name, stages=[cfg])
     for stage in cfg.stages if isinstance(cfg, StagedConfig) else [cfg]:
-        get_method(stage.method)  # unknown methods fail before anything loads
+        trainer_for(stage)  # unknown methods, and a loop that cannot train the stage, fail before anything loads
     units = plan(cfg) if isinstance(cfg, StagedConfig) else []  # so does a stage chain that cannot work
     claim_output(out, resume=resume, restart=restart, overwrite=overwrite, started=_interrupted(out))
     if isinstance(cfg, StagedConfig):
         return _train_stages(cfg, units, out, overwrite=overwrite, progress=progress, device=device)
     tasks = [load_task(spec, seed=cfg.seed, limit=cfg.limit) for spec in cfg.task_specs]
     start = Start(cfg.base)
-    return fit(cfg, out, start=start, tasks=tasks, resume=resume, overwrite=overwrite, progress=progress, device=device)
+    return trainer_for(cfg)(
+        cfg, out, start=start, tasks=tasks, resume=resume, overwrite=overwrite, progress=progress, device=device
+    )
+
+
+def trainer_for(cfg: TrainConfig) -> Callable[..., ExpertMeta]:
+    """The loop that trains `cfg` (all take `fit`'s arguments): DPO for dpo stages, GRPO for grpo stages,
+    zeroth-order SGD for MeZO methods, else `fit`."""
+    from moerge.train.methods.mezo import ZerothOrder
+
+    if cfg.type in ("dpo", "grpo") and isinstance(get_method(cfg.method), ZerothOrder):
+        raise MoergeError(
+            f"method: {cfg.method!r} (zeroth-order) does not train {cfg.type} stages; use a gradient method"
+        )
+    if cfg.type == "dpo":
+        from moerge.train.preference import fit_dpo
+
+        return fit_dpo
+    if cfg.type == "grpo":
+        from moerge.train.reinforce import fit_grpo
+
+        return fit_grpo
+    if isinstance(get_method(cfg.method), ZerothOrder):
+        from moerge.train.zeroth import fit_mezo
+
+        return fit_mezo
+    return fit
 
 
 def _interrupted(out: Path) -> bool:
@@ -266,7 +295,7 @@ class _Runner:
             from moerge.train.pseudo import read_pseudo
 
             tasks = [read_pseudo(self.stages_dir / str(unit.pseudo_from) / PSEUDO_FILE, labelled[0])]
-        return fit(
+        return trainer_for(cfg)(
             cfg,
             folder,
             start=start,

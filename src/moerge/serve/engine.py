@@ -10,7 +10,9 @@ continuous batching (`moerge.serve.batch`): each joins the running batch at the 
 leaves it when its own answer ends (end token, stop sequence, its max_tokens, or its client left).
 Greedy rows give the tokens the request would get alone; a sampled row draws from its own generator
 (seeded by the request's `seed` + choice index), so its answer does not depend on its neighbours.
-Routers and experts that cannot be stacked (DoRA, full weights) are generated alone from the model pool,
+Example-level routers (one decision per prompt, e.g. centroid, classifier) join the same batch: their
+prompt is routed once and the row reads its experts with those weights (`ExpertStack.route`). Token-level
+routers and experts that cannot be stacked (DoRA, full weights) are generated alone from the model pool,
 and the shared batch advances one step between their tokens, so it never waits a whole generation.
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 
 from moerge.data.formats import scoring_format
 from moerge.data.prompts import chat_prompt_ids
-from moerge.serve.batch import DecodeBatch, ExpertStack, next_tokens
+from moerge.serve.batch import DecodeBatch, ExpertStack, Route, next_tokens
 from moerge.serve.models import BASE, ModelPool
 from moerge.serve.schemas import ChatRequest, CompletionRequest, ServeError
 
@@ -47,6 +49,8 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     rows: list[Row] = field(default_factory=list)  # its choices, while in the shared batch
+    route: Route = ()  # the stacked experts its rows read, with their weights
+    routing: dict[str, float] | None = None  # a router's decision for its prompt (in the shared batch)
     prompt_tokens: int = 0
 
     def emit(self, kind: str, *payload: Any) -> None:
@@ -276,10 +280,13 @@ class Engine:
 
     def _join(self, job: Job) -> None:
         """Prefill the job's prompt alone, take each choice's first token, add the unfinished rows."""
-        self.stack.ensure({job.model} - {BASE})
+        self.stack.ensure(self.stack.experts_of(job.model))
         tokenizer = self.stack.tokenizer
-        prompt = self._checked_prompt(job, self.stack.model, tokenizer, self._recorded(job.model))
-        logits, cache = self.stack.prefill(prompt, job.model)
+        routed = job.model in self.pool.routers
+        recorded = self.stack.prompt_format(job.model) if routed else self._recorded(job.model)
+        prompt = self._checked_prompt(job, self.stack.model, tokenizer, recorded)
+        job.route, job.routing = self.stack.route(job.model, prompt)
+        logits, cache = self.stack.prefill(prompt, job.route)
         request, job.prompt_tokens = job.request, len(prompt)
         job.rows = [
             Row(job, TextStream(tokenizer, request.stops, _emitter(job, i)), _sampler(request, i, logits.device))
@@ -303,7 +310,7 @@ class Engine:
         for observe in self.batch_observers:
             observe(len(self.rows))
         try:
-            logits = self.stack.decode(self.batch, [r.last for r in self.rows], [r.job.model for r in self.rows])
+            logits = self.stack.decode(self.batch, [r.last for r in self.rows], [r.job.route for r in self.rows])
             tokens = next_tokens(logits, [row.sampler for row in self.rows])
         except Exception as exc:  # the batch's state is lost: every running job gets the error
             failed = _as_error(exc)
@@ -332,7 +339,16 @@ class Engine:
         for row in job.rows:
             row.stream.end()
         choices = [row.choice() for row in job.rows]
-        self._settle(job, Result(choices, job.prompt_tokens, time.perf_counter() - job.submitted))
+        if job.routing is not None and job.request.moerge.get("explain"):
+            for row, choice in zip(job.rows, choices, strict=True):
+                choice.explained = self._example_routing(row.stream.ids, job.routing)
+        self._settle(job, Result(choices, job.prompt_tokens, time.perf_counter() - job.submitted, job.routing))
+
+    def _example_routing(self, new: list[int], weights: dict[str, float]) -> list[dict[str, Any]]:
+        """Per generated token (end token left out), as `_token_routing` gives it for an example-level
+        router: every token carries the prompt's weights."""
+        tokenizer = self.stack.tokenizer
+        return [{"text": tokenizer.decode([t]), "weights": weights} for t in new if t != tokenizer.eos_token_id]
 
     # ----------------------------------------------------------------------------------- jobs alone
 

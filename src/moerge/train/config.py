@@ -95,8 +95,10 @@ class TrainConfig(BaseModel):
     weights: list[float] | None = Field(None, description="one sampling weight per entry of `tasks` (mixing: weights)")
     per_task_loss: bool = Field(False, description="average the loss per task inside a batch, then over tasks")
     # Stages.
-    type: Literal["finetune", "pretrain", "self_train"] = Field(
-        "finetune", description="finetune on a task; pretrain: LM loss on raw `text`; self_train: pseudo labels"
+    type: Literal["finetune", "pretrain", "self_train", "dpo", "grpo"] = Field(
+        "finetune",
+        description="finetune on a task; pretrain: LM loss on raw `text`; self_train: pseudo labels; "
+        "dpo: preference pairs (`preferences`); grpo: sampled answers rewarded by the task's scorer or `reward`",
     )
     text: CommaList | None = Field(None, description="raw text files (.txt, or .jsonl with a `text` field)")
     start: Literal["continue", "merge"] = Field(
@@ -109,6 +111,26 @@ class TrainConfig(BaseModel):
         None, gt=0, le=1, description="self_train: then keep only this fraction of the pool, most confident first"
     )
     pseudo_steps: int | None = Field(None, ge=1, description="self_train: steps on the pseudo labels (default: epochs)")
+    # Preference optimisation (type: dpo).
+    preferences: str | None = Field(
+        None, description="dpo: preference pairs, .jsonl or .csv with `prompt`, `chosen`, `rejected`"
+    )
+    beta: float = Field(
+        0.1,
+        ge=0,
+        description="dpo, grpo: strength of the pull towards the reference (the stage's start; grpo: KL weight)",
+    )
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: sigmoid (DPO) or ipo (squared margin)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: assumed share of flipped preference labels")
+    # Reinforcement with verifiable rewards (type: grpo).
+    reward: str | None = Field(
+        None,
+        description="grpo: reward function `module:function(completion, example) -> float` (default: task scorer)",
+    )
+    group_size: int = Field(4, ge=2, description="grpo: completions sampled per prompt (advantages are within a group)")
+    max_new_tokens: int = Field(32, ge=1, description="grpo: longest sampled completion")
+    sampling_temperature: float = Field(1.0, gt=0, description="grpo: sampling temperature of the completions")
+    clip: float = Field(0.2, gt=0, lt=1, description="grpo: the policy ratio is clipped to [1 − clip, 1 + clip]")
 
     @model_validator(mode="before")
     @classmethod
@@ -132,6 +154,13 @@ class TrainConfig(BaseModel):
         if self.type == "pretrain":
             if not self.text:
                 raise ValueError("a pretrain stage needs `text`: raw text files (.txt or .jsonl with `text`)")
+        elif self.type == "dpo":
+            if not self.preferences:
+                raise ValueError("a dpo stage needs `preferences`: a .jsonl or .csv of prompt, chosen, rejected")
+            if self.beta <= 0:
+                raise ValueError("beta: a dpo stage needs beta > 0")
+            if self.task is not None and self.tasks is not None:
+                raise ValueError("a dpo stage scores `task` or `tasks` (give one), it trains on `preferences`")
         elif (self.task is None) == (self.tasks is None):
             raise ValueError("give exactly one of `task` (one task) or `tasks` (a list, mixed by `mixing`)")
         if self.tasks is not None and not self.tasks:
@@ -142,6 +171,8 @@ class TrainConfig(BaseModel):
             raise ValueError("`weights` must be non-negative with a positive sum")
         if self.quantize is not None:
             _check_quantizable(self.method, self.quantize)
+        if self.type == "grpo" and self.task is None:
+            raise ValueError("a grpo stage needs `task`: its prompts are sampled and its answers rewarded")
         if self.type == "self_train" and not self.unlabelled:
             raise ValueError("a self_train stage needs `unlabelled`: a pool of inputs (.txt, .jsonl or a task)")
         return self

@@ -221,6 +221,8 @@ def fit(
             dtype=dtype,
             progress=progress,
         )
+        if not start.adapter:
+            details.update(method.trained_details(model, cfg))
         model.eval()
         with autocast(device, dtype):
             metrics = _evaluate(model, tokenizer, eval_tasks if eval_tasks is not None else tasks, cfg, progress)
@@ -487,6 +489,10 @@ def _accumulate(
         batch = _on(batch, device)
         with autocast(device, dtype):
             loss, parts = batch_loss(model, batch, task_of_row, per_task=cfg.per_task_loss, scale=scale)
+            extra = getattr(model, "moerge_extra_loss", None)  # a method's regulariser (e.g. a mixture's balance)
+            extra = extra() if extra is not None else None
+            if extra is not None:
+                loss = loss + extra / n
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.item()
         tokens += int(batch["attention_mask"].sum())

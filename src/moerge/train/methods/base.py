@@ -92,6 +92,10 @@ class TrainingMethod:
         """Choices made while preparing `model` that the metadata should record (e.g. HFT's frozen half)."""
         return {}
 
+    def trained_details(self, model: nn.Module, cfg: TrainConfig) -> dict:
+        """Facts measured on the trained `model` that the metadata should record (e.g. a router's load)."""
+        return {}
+
 
 METHODS: Registry[TrainingMethod] = Registry("training method")
 
