@@ -337,3 +337,22 @@ def test_an_expert_added_mid_batch_joins_without_disturbing_running_rows(served,
         assert run.steps[3] == 3  # the new expert's row decoded next to the others
     finally:
         library.remove("d")
+
+
+# ------------------------------------------------------------------------------------- memory budget
+
+
+def test_the_pool_keeps_its_models_within_the_memory_budget(served):
+    from moerge.serve.models import model_gb
+
+    base, library = served
+    one = model_gb(ModelPool(base=str(base), library=library).get("a").model)
+    pool = ModelPool(base=str(base), library=library, max_loaded=8, max_memory_gb=one * 2.5)
+    for name in ("a", "b", "c", "a"):
+        pool.get(name)
+    assert pool.loaded_names() == ["c", "a"]  # b, the least recently used, went to make room
+    small = ModelPool(base=str(base), library=library, max_memory_gb=one / 2)
+    with pytest.raises(ServeError) as refused:
+        small.get("a")
+    assert refused.value.status == 503 and "memory budget" in str(refused.value)
+    assert small.loaded_names() == []

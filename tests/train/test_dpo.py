@@ -251,3 +251,16 @@ def test_a_resumed_dpo_stage_keeps_the_reference_of_its_start(tmp_path, tiny_bas
     b = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["full", "hft"])
+def test_dpo_with_full_weight_methods_writes_a_full_expert(tmp_path, tiny_base, method):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", _pairs(6))
+    cfg = TrainConfig(
+        base=str(tiny_base), type="dpo", preferences=str(prefs), method=method, steps=2, batch_size=3, lr=1e-3
+    )
+    meta = train_expert(cfg, tmp_path / "e", progress=False)
+    assert meta.kind == "full" and meta.method == method
+    base, _ = load_model(str(tiny_base), device="cpu")
+    trained, _ = load_model(str(tiny_base), tmp_path / "e", device="cpu")
+    assert any(not torch.equal(p, q) for p, q in zip(base.parameters(), trained.parameters(), strict=True))

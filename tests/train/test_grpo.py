@@ -55,7 +55,8 @@ def test_clipped_loss_and_kl_equal_the_direct_computation(beta):
                 surrogate = torch.tensor(min(max(r, 1 - clip), 1 + clip) * a)
             else:
                 surrogate = ratio * adv[i]
-            k = math.exp(float(ref[i, t] - logps[i, t])) - float(ref[i, t] - logps[i, t]) - 1
+            d = float(ref[i, t] - logps[i, t].detach())
+            k = math.exp(d) - d - 1
             terms.append(-surrogate + beta * (torch.exp(ref[i, t] - logps[i, t]) - (ref[i, t] - logps[i, t]) - 1))
             kl_terms.append(k)
         seqs.append(torch.stack(terms).mean())

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-from helpers import parity_rows, write_task
+from helpers import addition_rows, parity_rows, write_task
 from moerge.cli.main import app
 from moerge.errors import MoergeError
 from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo, verify_expert_files, write_expert_meta
@@ -21,6 +21,7 @@ from moerge.models.mixture import (
     MixtureSpec,
     RoutingContext,
     as_peft_lora,
+    export_peft_lora,
     inject_mixture,
     load_entropy,
     read_mixture_spec,
@@ -82,6 +83,14 @@ def test_one_expert_mixlora_trains_exactly_like_lora(tiny_base, parity, tmp_path
         torch.testing.assert_close(as_lora[key], value, rtol=1e-5, atol=1e-6)
     meta = json.loads((tmp_path / "m" / "moerge.json").read_text())
     assert meta["kind"] == "mixture" and meta["hyperparameters"]["router_load"]["load_mean"] == [1.0]
+    # the one-expert mixture written as a plain peft LoRA folder acts as the mixture does
+    from moerge.library.loading import load_model
+
+    export_peft_lora(tmp_path / "m", tmp_path / "as_lora")
+    ids = torch.tensor([[5, 9, 12, 7, 3, 4]])
+    as_peft, _ = load_model(tiny_base, tmp_path / "as_lora")
+    mixture, _ = load_model(tiny_base, tmp_path / "m")
+    torch.testing.assert_close(as_peft(input_ids=ids).logits, mixture(input_ids=ids).logits, rtol=0, atol=1e-6)
 
 
 def _routed_layer(experts: int, top_k: int, *, seed: int = 0) -> LoraMixtureLinear:
@@ -214,8 +223,18 @@ def test_trained_mixlora_reloads_with_the_scores_it_was_trained_to(tiny_base, pa
     assert again["scores"] == meta.metrics["test"]["scores"]
 
 
-def test_hydralora_trains_one_shared_a_per_module(tiny_base, parity, tmp_path):
-    train_expert(_cfg(tiny_base, parity, method="hydralora", num_experts=3, target_modules="v_proj"), tmp_path / "h")
+def test_hydralora_trains_one_shared_a_per_module_on_a_task_mixture(tiny_base, parity, tmp_path):
+    addition = write_task(tmp_path / "addition.jsonl", addition_rows(40))
+    cfg = TrainConfig(
+        base=str(tiny_base),
+        tasks=[parity, addition],
+        method="hydralora",
+        num_experts=3,
+        target_modules="v_proj",
+        **{**FAST, "steps": 4},
+    )
+    meta = train_expert(cfg, tmp_path / "h", progress=False)
+    assert set(meta.metrics["train_loss_by_task"]) == {"parity", "addition"}
     tensors = load_file(str(tmp_path / "h" / MIXTURE_WEIGHTS))
     layer = "model.layers.0.self_attn.v_proj"
     assert sorted(k.removeprefix(layer + ".") for k in tensors if k.startswith(layer)) == [

@@ -34,6 +34,11 @@ def serve(
     max_tokens: int = typer.Option(512, "--max-tokens", help="cap on any request's max_tokens"),
     max_queue: int = typer.Option(64, "--max-queue", help="requests queued or running before new ones get 429"),
     max_loaded: int = typer.Option(4, "--max-loaded-experts", help="models kept loaded (least recently used go)"),
+    max_memory_gb: float | None = typer.Option(
+        None,
+        "--max-memory-gb",
+        help="memory budget of the loaded models (least recently used go; a model bigger than it gets 503)",
+    ),
     upstream: str | None = typer.Option(
         None,
         "--upstream",
@@ -62,6 +67,8 @@ def serve(
     from moerge.serve import ModelPool, create_app
 
     at_least(1, port=port, max_tokens=max_tokens, max_queue=max_queue, max_loaded_experts=max_loaded)
+    if max_memory_gb is not None and not max_memory_gb > 0:
+        raise MoergeError(f"--max-memory-gb: expected a number of GB above 0, got {max_memory_gb:g}")
     set_load_defaults(dtype=dtype, device=device, device_map=device_map)
     routers = _routers(router or [])
     if from_compare is not None:
@@ -82,6 +89,7 @@ def serve(
         routers=routers,
         auto=auto or next(iter(routers), None),
         max_loaded=max_loaded,
+        max_memory_gb=max_memory_gb,
     )
     proxy = None
     if upstream is not None:

@@ -37,7 +37,10 @@ def train(
         None, "--option", help="any other option of the method, key=value (repeatable; see the list below)"
     ),
     objective: str | None = typer.Option(
-        None, "--objective", help="finetune (next-token loss on --task) or dpo (preference pairs, --preferences)"
+        None,
+        "--objective",
+        help="finetune (next-token loss on --task), dpo (preference pairs, --preferences) or grpo (sampled"
+        " answers to --task rewarded by its scorer)",
     ),
     preferences: str | None = typer.Option(None, "--preferences", help=field_help(TrainConfig, "preferences")),
     beta: float | None = typer.Option(None, "--beta", help=field_help(TrainConfig, "beta")),

@@ -310,3 +310,15 @@ def as_peft_lora(spec: MixtureSpec, tensors: dict[str, torch.Tensor]) -> tuple[d
             factor = rest.split(".", 1)[0]
             out[f"base_model.model.{module}.lora_{factor}.weight"] = value
     return config, out
+
+
+def export_peft_lora(folder: Path, out: Path) -> None:
+    """Write the one-expert mixture at `folder` as a plain peft LoRA folder `out` (`as_peft_lora`)."""
+    from safetensors.torch import load_file, save_file
+
+    from moerge.paths import write_json_atomic
+
+    config, tensors = as_peft_lora(read_mixture_spec(folder), load_file(str(Path(folder) / MIXTURE_WEIGHTS)))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    write_json_atomic(out / "adapter_config.json", config)

@@ -30,6 +30,7 @@ class ModelPool:
     routers: dict[str, Path] = field(default_factory=dict)
     auto: str | None = None
     max_loaded: int = 4
+    max_memory_gb: float | None = None
     _loaded: OrderedDict[str, Loaded] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -65,11 +66,29 @@ class ModelPool:
                 self._loaded.move_to_end(name)
                 return self._loaded[name]
         loaded = load_strategy(self.spec(name), Workspace(base=self.base, library=self.library))
+        self._check_fits(name, loaded)
         with self._lock:
             self._loaded[name] = loaded
-            while len(self._loaded) > self.max_loaded:
+            while len(self._loaded) > self.max_loaded or self._over_budget():
                 self._loaded.popitem(last=False)
         return loaded
+
+    def _check_fits(self, name: str, loaded: Loaded) -> None:
+        """A model bigger than the whole memory budget (a full-weight expert on a small budget) is not
+        kept: the request gets a 503 saying so, and the models already loaded stay."""
+        if self.max_memory_gb is not None and model_gb(loaded.model) > self.max_memory_gb:
+            raise ServeError(
+                503,
+                f"model {name!r} needs {model_gb(loaded.model):.2f} GB, more than the server's memory budget "
+                f"(--max-memory-gb {self.max_memory_gb:g})",
+                kind="server_error",
+            )
+
+    def _over_budget(self) -> bool:
+        """More than one model loaded and together above the budget: the least recently used goes."""
+        if self.max_memory_gb is None or len(self._loaded) <= 1:
+            return False
+        return sum(model_gb(loaded.model) for loaded in self._loaded.values()) > self.max_memory_gb
 
     def loaded_names(self) -> list[str]:
         with self._lock:
@@ -85,3 +104,10 @@ class ModelPool:
             meta = self.library.meta(name)
             info.update(task=meta.task.name, method=meta.method)
         return info
+
+
+def model_gb(model: Any) -> float:
+    """Memory a loaded model holds: its parameters and buffers (a merged or full expert carries its own
+    copy of the base weights)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**30

@@ -267,7 +267,7 @@ def _grpo_steps(run: Run, optimizer, task: Task, reward, reference, state: Train
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.tokens += int(batch["attention_mask"].sum())
-            state.losses.append(round(float(loss), 4))
+            state.losses.append(round(loss.item(), 4))
             lengths = mask.sum(dim=1).float()
             for key, value in (
                 ("mean_reward", rewards.mean()),
