@@ -1,7 +1,7 @@
 """`make bench`: every benchmark on the packaged SmolLM2-135M-Instruct, side by side with its peer.
 
 Each script prints its own table/JSON; benchmarks/RESULTS.md records measured ratios with the machine
-and the command. Pass --only train|merge|route|recipes|routers to run some. `routers` compares every
+and the command. Pass --only train|merge|route|recipes|serve|precision|routers to run some. `routers` compares every
 router on the experts `make demo` trained (runs/demo/library), reusing the demo's cached scores, so it
 runs only when asked for and after the demo.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DEFAULT = ["train", "merge", "route", "recipes"]
+DEFAULT = ["train", "merge", "route", "recipes", "serve", "precision"]
 RECIPES_TASK = "gym:leg_counting?min_animals=1&max_animals=2&max_instances=3&size=300"
 
 
@@ -42,6 +42,8 @@ def main() -> None:
         "train": [str(HERE / "train_bench.py"), "--base", base],
         "merge": [str(HERE / "merge_bench.py"), "--base", base, "--threads", "1"],
         "route": [str(HERE / "route_bench.py"), "--base", base],
+        "serve": [str(HERE / "serve_bench.py"), "--base", base, "--threads", "1"],
+        "precision": [str(HERE / "precision_bench.py"), "--base", base, "--steps", "6"],
         "recipes": [
             str(HERE / "recipes_bench.py"),
             "--task",
