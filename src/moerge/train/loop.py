@@ -45,7 +45,9 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from moerge.data.formats import PromptFormat
     from moerge.data.task import Task
+    from moerge.train.methods.base import TrainingMethod
 
 
 @dataclass(frozen=True)
@@ -228,54 +230,111 @@ def fit(
             metrics = _evaluate(model, tokenizer, eval_tasks if eval_tasks is not None else tasks, cfg, progress)
         if state.task_losses:
             metrics["train_loss_by_task"] = {name: _final(losses) for name, losses in state.task_losses.items()}
-        meta = ExpertMeta(
+        meta = build_meta(
+            cfg,
             name=cfg.name or (tasks[0].name if len(tasks) == 1 else "+".join(data.task_names)),
-            kind=method.kind,
-            method=cfg.method,
+            method=method,
+            details=details,
             task=_task_info(cfg, tasks),
-            base=base_info,
-            hyperparameters={
-                **method.hyperparameters(cfg),
-                **details,
-                "lr": lr,
-                "steps": state.total_steps,
-                "batch_size": cfg.batch_size,
-                "max_length": cfg.max_length,
-                "seed": cfg.seed,
-                "warmup_ratio": cfg.warmup_ratio,
-                "weight_decay": cfg.weight_decay,
-                "limit": cfg.limit,
-                **_data_settings(cfg),
-                **_memory_settings(cfg, dtype),
-                "config_hash": cfg.fingerprint(),
-                **(extra or {}),
-            },
+            base_info=base_info,
+            state=state,
+            lr=lr,
             metrics=metrics,
             prompt_format=None if cfg.type == "pretrain" else cfg.format,
             dtype=dtype,
-            quantize=cfg.quantize,
-            cost={
-                "train_time_s": round(state.elapsed_s, 2),
-                "peak_memory_mb": round(peak_memory_mb(), 1),
-                "trainable_params": sum(p.numel() for p in params),
-                "train_tokens": state.tokens,
-                "tokens_per_s": round(state.tokens / max(state.elapsed_s, 1e-9), 1),
-                "device": device,
-                "final_loss": state.losses[-1] if state.losses else None,
-                "resumed_from_step": resumed_from,
-            },
+            device=device,
+            trainable_params=sum(p.numel() for p in params),
+            resumed_from=resumed_from,
+            extra=extra or {},
         )
-        trained = [(name, p.detach()) for name, p in model.named_parameters() if p.requires_grad]
-        check_finite(trained, out, "training diverged, nothing was written (try a lower --lr)")
-        with atomic_directory(out, overwrite=overwrite) as tmp:
-            if start.adapter:
-                model.save_pretrained(tmp)
-            else:
-                method.save(model, tmp, workdir)
-            if method.kind == "full":
-                tokenizer.save_pretrained(tmp)  # a full expert is a complete model folder
-            meta = write_expert_meta(tmp, meta)
+        meta = save_expert(
+            model, method, tokenizer, meta, out, workdir, adapter=bool(start.adapter), overwrite=overwrite
+        )
     return meta
+
+
+def build_meta(
+    cfg: TrainConfig,
+    *,
+    name: str,
+    method: TrainingMethod,
+    details: dict[str, Any],
+    task: TaskInfo,
+    base_info: BaseInfo,
+    state: TrainState,
+    lr: float,
+    metrics: dict[str, Any],
+    prompt_format: PromptFormat | None,
+    dtype: str,
+    device: str,
+    trainable_params: int,
+    resumed_from: int,
+    extra: dict[str, Any],
+) -> ExpertMeta:
+    """The expert's metadata, the same for every training loop (fit, DPO, GRPO, MeZO): the settings it
+    was trained with (and their fingerprint), its metrics and its cost."""
+    return ExpertMeta(
+        name=name,
+        kind=method.kind,
+        method=cfg.method,
+        task=task,
+        base=base_info,
+        hyperparameters={
+            **method.hyperparameters(cfg),
+            **details,
+            "lr": lr,
+            "steps": state.total_steps,
+            "batch_size": cfg.batch_size,
+            "max_length": cfg.max_length,
+            "seed": cfg.seed,
+            "warmup_ratio": cfg.warmup_ratio,
+            "weight_decay": cfg.weight_decay,
+            "limit": cfg.limit,
+            **_data_settings(cfg),
+            **_memory_settings(cfg, dtype),
+            "config_hash": cfg.fingerprint(),
+            **extra,
+        },
+        metrics=metrics,
+        prompt_format=prompt_format,
+        dtype=dtype,
+        quantize=cfg.quantize,
+        cost={
+            "train_time_s": round(state.elapsed_s, 2),
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+            "trainable_params": trainable_params,
+            "train_tokens": state.tokens,
+            "tokens_per_s": round(state.tokens / max(state.elapsed_s, 1e-9), 1),
+            "device": device,
+            "final_loss": state.losses[-1] if state.losses else None,
+            "resumed_from_step": resumed_from,
+        },
+    )
+
+
+def save_expert(
+    model: nn.Module,
+    method: TrainingMethod,
+    tokenizer: PreTrainedTokenizerBase,
+    meta: ExpertMeta,
+    out: Path,
+    workdir: Path,
+    *,
+    adapter: bool,
+    overwrite: bool,
+) -> ExpertMeta:
+    """Refuse non-finite trained weights, then write the expert folder atomically. `adapter`: the run
+    continued an adapter, which peft saves as it is."""
+    trained = [(name, p.detach()) for name, p in model.named_parameters() if p.requires_grad]
+    check_finite(trained, out, "training diverged, nothing was written (try a lower --lr)")
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        if adapter:
+            model.save_pretrained(tmp)
+        else:
+            method.save(model, tmp, workdir)
+        if method.kind == "full":
+            tokenizer.save_pretrained(tmp)  # a full expert is a complete model folder
+        return write_expert_meta(tmp, meta)
 
 
 def _batch(data: TrainingData, step: int, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:

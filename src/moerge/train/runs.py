@@ -1,8 +1,8 @@
 """What the training loops other than `fit` (DPO in `preference`, MeZO in `zeroth`) share with it: the
 starting model made trainable, the expert's metadata, and the expert folder written atomically.
 
-`fit`'s own code stays as it is (other work edits it); these helpers follow its steps and reuse its
-helpers, so an expert from any loop has the same folder layout, metadata and cost fields.
+The metadata and the folder come from the same functions `fit` uses (`build_meta`, `save_expert`), so
+an expert from any loop has the same folder layout, metadata and cost fields.
 """
 
 from __future__ import annotations
@@ -12,18 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moerge.errors import MoergeError
-from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo, write_expert_meta
-from moerge.models.loading import check_finite
-from moerge.paths import atomic_directory
+from moerge.library.expert import BaseInfo, ExpertMeta, TaskInfo
 from moerge.train.checkpoint import TrainState
 from moerge.train.config import TrainConfig
 from moerge.train.loop import (
     Start,
-    _data_settings,
-    _memory_settings,
+    build_meta,
     load_start,
-    peak_memory_mb,
     prepare_for_training,
+    save_expert,
     training_precision,
 )
 from moerge.train.methods import TrainingMethod, get_method
@@ -99,57 +96,27 @@ def expert_meta(
     resumed_from: int,
     extra: dict[str, Any],
 ) -> ExpertMeta:
-    """The metadata `fit` writes, for a run of another loop (`extra` adds that loop's settings)."""
-    cfg = run.cfg
-    tokens = state.tokens
-    return ExpertMeta(
-        name=cfg.name or name,
-        kind=run.method.kind,
-        method=cfg.method,
+    """The metadata `fit` writes (`build_meta`), for a run of another loop (`extra` adds its settings)."""
+    return build_meta(
+        run.cfg,
+        name=run.cfg.name or name,
+        method=run.method,
+        details=run.details,
         task=task,
-        base=run.base_info,
-        hyperparameters={
-            **run.method.hyperparameters(cfg),
-            **run.details,
-            "lr": lr,
-            "steps": state.total_steps,
-            "batch_size": cfg.batch_size,
-            "max_length": cfg.max_length,
-            "seed": cfg.seed,
-            "warmup_ratio": cfg.warmup_ratio,
-            "weight_decay": cfg.weight_decay,
-            "limit": cfg.limit,
-            **_data_settings(cfg),
-            **_memory_settings(cfg, run.dtype),
-            "config_hash": cfg.fingerprint(),
-            **extra,
-        },
+        base_info=run.base_info,
+        state=state,
+        lr=lr,
         metrics=metrics,
-        prompt_format=cfg.format,
+        prompt_format=run.cfg.format,
         dtype=run.dtype,
-        quantize=cfg.quantize,
-        cost={
-            "train_time_s": round(state.elapsed_s, 2),
-            "peak_memory_mb": round(peak_memory_mb(), 1),
-            "trainable_params": sum(p.numel() for p in trainable(run.model)),
-            "train_tokens": tokens,
-            "tokens_per_s": round(tokens / max(state.elapsed_s, 1e-9), 1),
-            "device": run.device,
-            "final_loss": state.losses[-1] if state.losses else None,
-            "resumed_from_step": resumed_from,
-        },
+        device=run.device,
+        trainable_params=sum(p.numel() for p in trainable(run.model)),
+        resumed_from=resumed_from,
+        extra=extra,
     )
 
 
 def write_expert(run: Run, meta: ExpertMeta, out: Path, workdir: Path, *, overwrite: bool) -> ExpertMeta:
-    """Refuse non-finite weights, then write the expert folder atomically (as `fit` does)."""
-    named = [(name, p.detach()) for name, p in run.model.named_parameters() if p.requires_grad]
-    check_finite(named, out, "training diverged, nothing was written (try a lower --lr)")
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        if run.start.adapter:
-            run.model.save_pretrained(tmp)
-        else:
-            run.method.save(run.model, tmp, workdir)
-        if run.method.kind == "full":
-            run.tokenizer.save_pretrained(tmp)
-        return write_expert_meta(tmp, meta)
+    """Write the expert folder as `fit` does (`save_expert`)."""
+    adapter = bool(run.start.adapter)
+    return save_expert(run.model, run.method, run.tokenizer, meta, out, workdir, adapter=adapter, overwrite=overwrite)
